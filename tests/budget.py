@@ -1,0 +1,118 @@
+"""Per-notebook budget: wall time and peak RAM of each notebook's kernel, against 5 min / 2 GiB.
+
+Two ways to use it:
+
+* as a pytest plugin (pyproject's addopts load it with `-p tests.budget`): while nbval runs the
+  notebooks, it times each notebook from its first cell to its last and reads the kernel's peak
+  resident memory (Linux `VmHWM`, plus the peak of any child processes it started, such as the
+  lesson-11 server), then prints a table at the end of the run. Timings are reported, never
+  asserted: a slow machine must not fail the course.
+* as a script: `python tests/budget.py [notebooks/05_*.ipynb ...]` runs nbval on those notebooks
+  (default: all) and prints the same table, also written to budget.md when --out is given.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BUDGET_SECONDS = 5 * 60
+BUDGET_BYTES = 2 * 2**30
+
+_records: dict[str, dict] = {}
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """Peak resident set size of a live process (VmHWM on Linux; current RSS elsewhere)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        return psutil.Process(pid).memory_info().rss
+    except Exception:
+        return 0
+
+
+def _children_rss(pid: int) -> int:
+    try:
+        import psutil
+
+        return sum(c.memory_info().rss for c in psutil.Process(pid).children(recursive=True))
+    except Exception:
+        return 0
+
+
+def _kernel_pid(item) -> int | None:
+    kernel = getattr(item.parent, "kernel", None)
+    try:
+        return kernel.km.provisioner.process.pid
+    except AttributeError:
+        return None
+
+
+def pytest_runtest_setup(item):
+    name = getattr(item.parent, "name", None)
+    if type(item).__name__ == "NbCellItem" and name not in _records:
+        _records[name] = {"start": time.perf_counter(), "end": None, "peak": 0, "child_peak": 0,
+                          "failed": False}
+
+
+def pytest_runtest_makereport(item, call):
+    if type(item).__name__ != "NbCellItem" or call.when != "call":
+        return
+    record = _records.get(item.parent.name)
+    if record is None:
+        return
+    record["end"] = time.perf_counter()
+    record["failed"] |= call.excinfo is not None
+    pid = _kernel_pid(item)
+    if pid:
+        record["peak"] = max(record["peak"], peak_rss_bytes(pid))
+        record["child_peak"] = max(record["child_peak"], _children_rss(pid))
+
+
+def format_table(records: dict[str, dict]) -> str:
+    lines = ["| notebook | wall time | peak RAM (kernel) | peak RAM (children) | within 5 min / 2 GiB |",
+             "|---|---:|---:|---:|---|"]
+    for name, r in sorted(records.items()):
+        seconds = (r["end"] or r["start"]) - r["start"]
+        ok = seconds <= BUDGET_SECONDS and r["peak"] + r["child_peak"] <= BUDGET_BYTES
+        status = ("yes" if ok else "NO") + (" (a cell failed)" if r["failed"] else "")
+        lines.append(f"| {Path(name).name} | {seconds:.0f} s | {r['peak'] / 2**30:.2f} GiB | "
+                     f"{r['child_peak'] / 2**30:.2f} GiB | {status} |")
+    return "\n".join(lines)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _records:
+        return
+    terminalreporter.section("notebook budget (2 cores: 5 min, 2 GiB each)")
+    terminalreporter.write_line(format_table(_records))
+    out = os.environ.get("LLM_COURSE_BUDGET_OUT")
+    if out:
+        Path(out).write_text(format_table(_records) + "\n")
+
+
+def main(argv: list[str]) -> int:
+    out = None
+    if "--out" in argv:
+        i = argv.index("--out")
+        out = argv[i + 1]
+        del argv[i:i + 2]
+    notebooks = argv or sorted(str(p) for p in Path("notebooks").glob("[0-9][0-9]_*.ipynb"))
+    env = dict(os.environ)
+    if out:
+        env["LLM_COURSE_BUDGET_OUT"] = out
+    return subprocess.call([sys.executable, "-m", "pytest", *notebooks], env=env)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,52 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from utils.env import environment_report, num_threads, seed_everything, setup_notebook, where_am_i
+
+
+def test_seed_everything_repeats_python_numpy_and_torch():
+    seed_everything(123)
+    first = (random.random(), np.random.rand(), torch.rand(3))
+    seed_everything(123)
+    second = (random.random(), np.random.rand(), torch.rand(3))
+    assert first[0] == second[0] and first[1] == second[1]
+    assert torch.equal(first[2], second[2])
+    seed_everything(124)
+    assert random.random() != first[0]
+
+
+def test_thread_count_is_fixed():
+    seed_everything(0, threads=1)
+    assert torch.get_num_threads() == 1
+    seed_everything(0)
+    assert torch.get_num_threads() == num_threads()
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "0", True])
+def test_bad_seed_is_refused(bad):
+    with pytest.raises(ValueError, match="seed must be a non-negative int"):
+        seed_everything(bad)
+
+
+def test_bad_thread_env_is_refused(monkeypatch):
+    monkeypatch.setenv("LLM_COURSE_THREADS", "two")
+    with pytest.raises(ValueError, match="LLM_COURSE_THREADS"):
+        num_threads()
+
+
+def test_setup_notebook_goes_offline(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("LLM_COURSE_ONLINE", raising=False)
+    setup_notebook()
+    import os
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_environment_report_names_the_essentials():
+    report = environment_report()
+    for key in ("python", "torch", "transformers", "model cache", "running on", "gpu"):
+        assert key in report and report[key]
+    assert where_am_i() in ("local", "binder", "colab")

@@ -1,0 +1,139 @@
+"""Where am I running, and how do I make every run the same?
+
+Every notebook calls `setup_notebook()` once. It
+
+* seeds Python, NumPy and PyTorch (`seed_everything`) and fixes PyTorch's thread count, so that a
+  re-run prints the same numbers (reductions split over a different number of threads can round
+  differently);
+* keeps the course offline by default (`HF_HUB_OFFLINE=1`) unless you opt in with
+  `LLM_COURSE_ONLINE=1`;
+* quiets library progress bars and warnings that would otherwise clutter every stored output
+  (`quiet_libraries`). Progress bars of *your own* loops (tqdm) still show.
+
+`environment_report()` is the readable check lesson 00 prints.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import random
+import sys
+import warnings
+
+import numpy as np
+
+COURSE_REPO = "open-llm-course/llm-course"  # GitHub owner/name: badges and the Colab clone use it
+DEFAULT_THREADS = 2  # the course's reference machine is a 2-core laptop; Binder has 1 CPU
+
+
+def where_am_i() -> str:
+    """'colab', 'binder' or 'local'."""
+    if "google.colab" in sys.modules or os.environ.get("COLAB_RELEASE_TAG"):
+        return "colab"
+    if os.environ.get("BINDER_SERVICE_HOST") or os.environ.get("BINDER_REPO_URL"):
+        return "binder"
+    return "local"
+
+
+def num_threads() -> int:
+    """The thread count the course uses: LLM_COURSE_THREADS if set, else min(2, CPUs)."""
+    value = os.environ.get("LLM_COURSE_THREADS")
+    if value is not None:
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"LLM_COURSE_THREADS must be a positive integer, got {value!r}")
+        return int(value)
+    return max(1, min(DEFAULT_THREADS, os.cpu_count() or 1))
+
+
+def seed_everything(seed: int = 0, threads: int | None = None) -> None:
+    """Seed python, numpy and torch, and fix torch's thread count.
+
+    >>> seed_everything(0); a = np.random.rand(); seed_everything(0); a == np.random.rand()
+    True
+    """
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    _ = torch.manual_seed(seed)  # returns a Generator whose repr is a memory address: don't print it
+    threads = num_threads() if threads is None else threads
+    if not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive int, got {threads!r}")
+    torch.set_num_threads(threads)
+
+
+def quiet_libraries() -> None:
+    """Silence hub/transformers progress bars and their chatty warnings (not tqdm in your own loops)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+    try:
+        import huggingface_hub
+
+        huggingface_hub.utils.disable_progress_bars()
+    except (ImportError, AttributeError):
+        pass
+    for name in ("sentence_transformers", "httpx", "chromadb", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+
+
+def go_offline_unless_asked() -> None:
+    """Offline is the course default: no hub calls unless LLM_COURSE_ONLINE=1."""
+    if os.environ.get("LLM_COURSE_ONLINE") != "1":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def setup_notebook(seed: int = 0, threads: int | None = None) -> None:
+    """The one call at the top of every notebook: offline, quiet, seeded, fixed threads."""
+    go_offline_unless_asked()
+    quiet_libraries()
+    seed_everything(seed, threads)
+
+
+def environment_report() -> dict[str, str]:
+    """Versions, hardware and where things live, as a dict of readable strings."""
+    import torch
+
+    from . import models  # late import: models imports transformers
+
+    report = {
+        "running on": where_am_i(),
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+        "cpu cores (os.cpu_count)": str(os.cpu_count()),
+        "torch threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU only)",
+        "model cache": str(models.cache_dir()),
+        "offline (HF_HUB_OFFLINE)": os.environ.get("HF_HUB_OFFLINE", "0"),
+    }
+    try:
+        import psutil
+
+        report["RAM total"] = f"{psutil.virtual_memory().total / 2**30:.1f} GiB"
+        report["RAM available"] = f"{psutil.virtual_memory().available / 2**30:.1f} GiB"
+    except ImportError:
+        pass
+    for package in ("transformers", "tokenizers", "sentence_transformers", "faiss", "peft", "gguf",
+                    "ipywidgets", "matplotlib"):
+        try:
+            module = __import__(package)
+            report[package] = getattr(module, "__version__", "installed")
+        except ImportError:
+            report[package] = "MISSING"
+    return report
