@@ -60,13 +60,13 @@ def _kernel_pid(item) -> int | None:
 
 def pytest_runtest_setup(item):
     name = getattr(item.parent, "name", None)
-    if type(item).__name__ == "NbCellItem" and name not in _records:
+    if type(item).__name__ == "IPyNbCell" and name not in _records:
         _records[name] = {"start": time.perf_counter(), "end": None, "peak": 0, "child_peak": 0,
                           "failed": False}
 
 
 def pytest_runtest_makereport(item, call):
-    if type(item).__name__ != "NbCellItem" or call.when != "call":
+    if type(item).__name__ != "IPyNbCell" or call.when != "call":
         return
     record = _records.get(item.parent.name)
     if record is None:
