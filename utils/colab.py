@@ -26,6 +26,7 @@ NEEDED = {
     "chromadb": "chromadb==1.5.9",
     "psutil": "psutil",
     "hypothesis": "hypothesis",
+    "regex": "regex",
 }
 # data-only packages, installed without their (unneeded) dependencies
 NEEDED_NO_DEPS = {

@@ -1,0 +1,376 @@
+"""Byte-level BPE from scratch: the tokenizer family of GPT-2, GPT-4, Llama 3 and SmolLM2 (lesson 01).
+
+A tokenizer turns text into the integer ids a model reads, and back. Byte-level BPE works on the
+UTF-8 bytes of the text, so it has no "unknown" token: the first 256 ids are the 256 possible
+bytes, and every string, in any script, round-trips exactly. Training learns *merges*: again and
+again, the most frequent adjacent pair of ids in the corpus becomes a new id.
+
+    tok = BPETokenizer()
+    tok.train(text, vocab_size=1024)       # 768 merges on top of the 256 bytes
+    ids = tok.encode("Hello world")        # -> list[int]
+    tok.decode(ids) == "Hello world"       # always, for every str without lone surrogates
+    tok.save("tok.json"); BPETokenizer.load("tok.json")
+
+Two ideas keep it fast enough to train on megabytes in pure Python:
+
+* A regex first splits the text into chunks (words with their leading space, runs of digits,
+  punctuation, whitespace) and merges never cross a chunk boundary. The corpus then becomes a
+  table of *unique* chunks with their frequencies: "the" appears thousands of times but is
+  processed once.
+* Pair counts are computed once. After each merge only the chunks that contain the merged pair
+  are rewritten (an index maps each pair to those chunks), and their pair counts are updated by
+  difference. A heap with lazy deletion finds the most frequent pair without scanning all pairs.
+  (The naive version recounts every pair of the whole text for every merge: minbpe's
+  BasicTokenizer, fine for teaching, too slow beyond a few kilobytes.)
+
+Special tokens (like "<|endoftext|>") are strings that map to one reserved id and are never
+produced by BPE; `encode` only emits them when you allow it (`allowed_special=`), so that user
+text that happens to contain "<|endoftext|>" cannot smuggle in a control token.
+
+Files are JSON (`save`/`load`), never pickle.
+"""
+
+from __future__ import annotations
+
+import heapq
+import html
+import json
+import os
+from collections import Counter, defaultdict
+
+import regex  # the `regex` module (a transformers dependency): \p{L} classes, possessive quantifiers
+
+# How GPT-2 and GPT-4 (cl100k_base) cut text into chunks before BPE. GPT-4's version also splits
+# case-insensitive contractions, caps digit runs at 3, and keeps newlines apart from other spaces.
+GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+GPT4_SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}|"""
+                      r""" ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+""")
+
+FORMAT_NAME = "llm-course byte-level BPE"
+FORMAT_VERSION = 1
+_CACHE_LIMIT = 200_000  # encoded chunks kept in memory; cleared when full
+
+
+def merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
+    """Replace every non-overlapping occurrence of `pair` in `ids` (left to right) by `new_id`."""
+    a, b = pair
+    out, i, n = [], 0, len(ids)
+    while i < n:
+        if i + 1 < n and ids[i] == a and ids[i + 1] == b:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def _check_text(text, what: str = "text") -> bytes:
+    """The UTF-8 bytes of `text`, or a TypeError/ValueError that says what is allowed."""
+    if not isinstance(text, str):
+        raise TypeError(f"{what} must be a str, got {type(text).__name__}")
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"{what} contains a lone surrogate {text[err.start]!r} at index {err.start}: that is not "
+            "a Unicode character and has no UTF-8 bytes. Fix the text that produced it (for "
+            "example decode files with errors='replace').") from None
+
+
+class BPETokenizer:
+    """Byte-level BPE tokenizer: 256 byte ids, then one id per learned merge, then special tokens."""
+
+    def __init__(self, pattern: str = GPT4_SPLIT_PATTERN):
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(f"pattern must be a non-empty regex string, got {pattern!r}")
+        self.pattern = pattern
+        self._split = regex.compile(pattern)
+        self.merges: dict[tuple[int, int], int] = {}        # (id, id) -> new id, in training order
+        self.vocab: dict[int, bytes] = {i: bytes([i]) for i in range(256)}  # id -> its bytes
+        self.special_tokens: dict[str, int] = {}             # "<|endoftext|>" -> id
+        self._cache: dict[str, list[int]] = {}
+
+    # ----------------------------------------------------------------------------------- training
+    def train(self, text: str, vocab_size: int, verbose: bool = False) -> BPETokenizer:
+        """Learn vocab_size - 256 merges from `text` (fewer if the text runs out of pairs)."""
+        _check_text(text, "the training text")
+        if not text:
+            raise ValueError("cannot train on an empty corpus: pass a non-empty training text")
+        if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 256:
+            raise ValueError(f"vocab_size must be an int >= 256 (the 256 byte tokens come first), "
+                             f"got {vocab_size!r}")
+        clash = sorted(i for i in self.special_tokens.values() if i < vocab_size)
+        if clash:
+            raise ValueError(f"special token ids {clash} would collide with the trained ids "
+                             f"0..{vocab_size - 1}: register special tokens with ids >= vocab_size")
+
+        # 1. The corpus as unique chunks with their counts; each chunk as a list of byte ids.
+        chunk_counts = Counter(self._split.findall(text))
+        words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]
+        freqs = list(chunk_counts.values())
+
+        # 2. Count every adjacent pair once, weighted by chunk frequency, and index where it occurs.
+        pair_counts: dict[tuple[int, int], int] = defaultdict(int)
+        where: dict[tuple[int, int], set[int]] = defaultdict(set)  # pair -> indices of chunks
+        for i, (word, freq) in enumerate(zip(words, freqs)):
+            for pair in zip(word, word[1:]):
+                pair_counts[pair] += freq
+                where[pair].add(i)
+        # A max-heap (negated counts) of (count, pair). Entries go stale when counts change; a
+        # popped entry is used only if it still matches the live count ("lazy deletion"). Ties go
+        # to the smaller pair of ids, so training is deterministic.
+        heap = [(-count, pair) for pair, count in pair_counts.items()]
+        heapq.heapify(heap)
+
+        merges: dict[tuple[int, int], int] = {}
+        vocab = {i: bytes([i]) for i in range(256)}
+        for new_id in range(256, vocab_size):
+            # 3. The most frequent pair still present.
+            while heap:
+                neg_count, pair = heapq.heappop(heap)
+                if pair_counts.get(pair) == -neg_count:
+                    break
+            else:
+                if verbose:
+                    print(f"no pairs left to merge: stopping at vocab size {new_id}")
+                break
+            merges[pair] = new_id
+            vocab[new_id] = vocab[pair[0]] + vocab[pair[1]]
+            if verbose:
+                print(f"merge {new_id - 255}/{vocab_size - 256}: {pair} -> {new_id} "
+                      f"{vocab[new_id]!r} ({-neg_count} occurrences)")
+
+            # 4. Rewrite only the chunks that contain the pair; update pair counts by difference.
+            delta: dict[tuple[int, int], int] = defaultdict(int)
+            for i in where.pop(pair):
+                word, freq = words[i], freqs[i]
+                new_word = merge_pair(word, pair, new_id)
+                if len(new_word) == len(word):  # stale index entry: the pair left this chunk
+                    continue
+                for p in zip(word, word[1:]):
+                    delta[p] -= freq
+                for p in zip(new_word, new_word[1:]):
+                    delta[p] += freq
+                    where[p].add(i)
+                words[i] = new_word
+            for p, change in delta.items():
+                if change:
+                    count = pair_counts[p] + change
+                    if count > 0:
+                        pair_counts[p] = count
+                        heapq.heappush(heap, (-count, p))
+                    else:
+                        del pair_counts[p]
+        self.merges, self.vocab = merges, vocab
+        self._cache = {}
+        return self
+
+    # ----------------------------------------------------------------------------- special tokens
+    def register_special_tokens(self, special_tokens: dict[str, int]) -> None:
+        """Add special tokens, e.g. {"<|endoftext|>": 1024}; ids must not be used by the vocabulary."""
+        if not isinstance(special_tokens, dict):
+            raise TypeError(f"special_tokens must be a dict {{str: int}}, got "
+                            f"{type(special_tokens).__name__}")
+        taken = {i: s for s, i in self.special_tokens.items()}
+        for token, token_id in special_tokens.items():
+            if not isinstance(token, str) or not token:
+                raise ValueError(f"a special token must be a non-empty str, got {token!r}")
+            if not isinstance(token_id, int) or isinstance(token_id, bool) or token_id < 0:
+                raise ValueError(f"special token id must be a non-negative int, got {token_id!r}")
+            if token_id in self.vocab:
+                raise ValueError(f"id {token_id} for {token!r} is already a BPE token (ids "
+                                 f"0..{len(self.vocab) - 1}): use an id >= {len(self.vocab)}")
+            if taken.get(token_id, token) != token:
+                raise ValueError(f"id {token_id} is already the special token {taken[token_id]!r}")
+            taken[token_id] = token
+        self.special_tokens.update(special_tokens)
+
+    @property
+    def vocab_size(self) -> int:
+        """BPE tokens plus special tokens."""
+        return len(self.vocab) + len(self.special_tokens)
+
+    # ----------------------------------------------------------------------------------- encoding
+    def _encode_chunk(self, chunk: str) -> list[int]:
+        # Each pass scans the whole chunk, so the cost grows with len(chunk) x merges applied: nothing
+        # for words, but a 30,000-letter run without spaces or punctuation takes seconds.
+        cached = self._cache.get(chunk)
+        if cached is not None:
+            return cached
+        ids = list(chunk.encode("utf-8"))
+        while len(ids) >= 2:
+            # Apply the earliest-learned merge present (lowest new id), as training did.
+            pair = min(zip(ids, ids[1:]), key=lambda p: self.merges.get(p, float("inf")))
+            if pair not in self.merges:
+                break
+            ids = merge_pair(ids, pair, self.merges[pair])
+        if len(self._cache) >= _CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[chunk] = ids
+        return ids
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Encode text with BPE only: special-token strings are treated as plain text."""
+        _check_text(text)
+        ids: list[int] = []
+        for chunk in self._split.findall(text):
+            ids.extend(self._encode_chunk(chunk))
+        return ids
+
+    def encode(self, text: str, allowed_special="none_raise") -> list[int]:
+        """Text -> ids.
+
+        allowed_special: "none_raise" (default: raise if text contains a special-token string),
+        "none" (treat them as plain text), "all", or a set of the special tokens to allow.
+        """
+        _check_text(text)
+        if allowed_special == "all":
+            special = dict(self.special_tokens)
+        elif allowed_special == "none":
+            special = {}
+        elif allowed_special == "none_raise":
+            special = {}
+            found = [s for s in self.special_tokens if s in text]
+            if found:
+                raise ValueError(f"text contains the special token(s) {found}; pass "
+                                 "allowed_special='all' (or a set of them) to encode them as special "
+                                 "ids, or 'none' to encode them as plain text")
+        elif isinstance(allowed_special, (set, frozenset, list, tuple)):
+            unknown = [s for s in allowed_special if s not in self.special_tokens]
+            if unknown:
+                raise ValueError(f"allowed_special names unknown special tokens {unknown}; "
+                                 f"registered: {sorted(self.special_tokens)}")
+            special = {s: self.special_tokens[s] for s in allowed_special}
+        else:
+            raise ValueError(f"allowed_special must be 'all', 'none', 'none_raise' or a set of special "
+                             f"tokens, got {allowed_special!r}")
+        if not special:
+            return self.encode_ordinary(text)
+        # Cut the text at the special tokens (longest first), keeping them as separate parts.
+        alternatives = "|".join(regex.escape(s) for s in sorted(special, key=len, reverse=True))
+        ids: list[int] = []
+        for part in regex.split(f"({alternatives})", text):
+            if part in special:
+                ids.append(special[part])
+            elif part:
+                ids.extend(self.encode_ordinary(part))
+        return ids
+
+    # ----------------------------------------------------------------------------------- decoding
+    def decode_bytes(self, ids) -> bytes:
+        """ids -> the exact bytes they stand for (a single token may be part of a character)."""
+        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+            raise TypeError(f"ids must be a sequence of ints, got {type(ids).__name__}")
+        if hasattr(ids, "tolist"):  # a torch tensor or numpy array
+            ids = ids.tolist()
+        special_bytes = {i: s.encode("utf-8") for s, i in self.special_tokens.items()}
+        pieces = []
+        for token_id in ids:
+            if not isinstance(token_id, int) or isinstance(token_id, bool):
+                raise TypeError(f"token ids must be ints, got {token_id!r}")
+            piece = self.vocab.get(token_id)
+            if piece is None:
+                piece = special_bytes.get(token_id)
+            if piece is None:
+                specials = f" and special ids {sorted(special_bytes)}" if special_bytes else ""
+                raise ValueError(f"token id {token_id} is not in the vocabulary (ids 0.."
+                                 f"{len(self.vocab) - 1}{specials})")
+            pieces.append(piece)
+        return b"".join(pieces)
+
+    def decode(self, ids) -> str:
+        """ids -> text. Bytes that do not form valid UTF-8 (a cut-off character) become U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    # --------------------------------------------------------------------------------- save/load
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the tokenizer as JSON: the split pattern, merges in order, special tokens."""
+        state = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "pattern": self.pattern,
+                 "merges": [list(pair) for pair in self.merges],  # merge k creates id 256 + k
+                 "special_tokens": self.special_tokens}
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(state, f, ensure_ascii=False)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> BPETokenizer:
+        """Read a file written by `save`, checking it on the way in."""
+        with open(path, encoding="utf-8") as f:
+            try:
+                state = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} is not a JSON tokenizer file: {err}") from None
+        if not isinstance(state, dict) or state.get("format") != FORMAT_NAME:
+            raise ValueError(f"{path} is not a {FORMAT_NAME!r} file")
+        if state.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{path} has format version {state.get('version')!r}; this code "
+                             f"reads version {FORMAT_VERSION}")
+        tok = cls(pattern=state["pattern"])
+        for k, pair in enumerate(state["merges"]):
+            new_id = 256 + k
+            if (not isinstance(pair, list) or len(pair) != 2
+                    or not all(isinstance(i, int) and 0 <= i < new_id for i in pair)):
+                raise ValueError(f"{path}: merge {k} must be two ids of earlier tokens (< {new_id}), "
+                                 f"got {pair!r}")
+            tok.merges[tuple(pair)] = new_id
+            tok.vocab[new_id] = tok.vocab[pair[0]] + tok.vocab[pair[1]]
+        tok.register_special_tokens(state.get("special_tokens", {}))
+        return tok
+
+    def __repr__(self) -> str:
+        return (f"BPETokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, "
+                f"special_tokens={len(self.special_tokens)})")
+
+
+# ------------------------------------------------------------------------- showing tokens to people
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in for every byte (how HF shows byte-level tokens: " " -> "Ġ").
+
+    Printable Latin-1 bytes stand for themselves; the others (space, control bytes, ...) are
+    shifted to code points 256+, so each of the 256 bytes gets one visible character.
+    """
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    mapping, shift = {}, 0
+    for b in range(256):
+        if b in keep:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + shift)
+            shift += 1
+    return mapping
+
+
+def token_pieces(tokenizer, text: str) -> list[bytes]:
+    """The bytes of each token of `text`, for our BPETokenizer or a HF (byte-level) tokenizer."""
+    if isinstance(tokenizer, BPETokenizer):
+        return [tokenizer.vocab.get(i) or tokenizer.decode_bytes([i])
+                for i in tokenizer.encode(text, allowed_special="all")]
+    _check_text(text)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    to_byte = {c: b for b, c in bytes_to_unicode().items()}
+    pieces = []
+    for token_id, token in zip(ids, tokenizer.convert_ids_to_tokens(ids)):
+        if all(c in to_byte for c in token):  # a byte-level token, shown in GPT-2's alphabet
+            pieces.append(bytes(to_byte[c] for c in token))
+        else:  # a special or added token
+            pieces.append(tokenizer.decode([token_id]).encode("utf-8"))
+    return pieces
+
+
+def readable(piece: bytes) -> str:
+    """A token's bytes as text; bytes that are only part of a character are shown as \\xNN."""
+    return piece.decode("utf-8", errors="backslashreplace")
+
+
+_COLOURS = ("#fde2a5", "#b9e4c9", "#c7d7f5", "#f7c6c7", "#e0cdf5", "#c9eef2")
+
+
+def tokens_html(pieces: list[bytes]) -> str:
+    """HTML that colours each token; spaces show as '·' and newlines as '↵' so you can see them."""
+    spans = []
+    for k, piece in enumerate(pieces):
+        text = html.escape(readable(piece)).replace(" ", "·").replace("\n", "↵<br>")
+        spans.append(f'<span style="background:{_COLOURS[k % len(_COLOURS)]};color:#000;'
+                     f'padding:1px 0;font-family:monospace">{text}</span>')
+    return f'<div style="line-height:1.9">{"".join(spans)}</div>'
