@@ -22,6 +22,7 @@ setup: $(STAMP)
 lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks/00_welcome_and_setup.ipynb
 
+test: export OMP_WAIT_POLICY = PASSIVE
 test: $(STAMP)
 	$(BIN)/python -m pytest
 

@@ -22,6 +22,11 @@ import random
 import sys
 import warnings
 
+# Idle OpenMP threads sleep instead of spinning. With spinning (the default), torch on a busy
+# 2-core machine (a shared CI runner, a laptop running a browser) was measured up to ~90x slower.
+# Must be set before torch starts its thread pool, so at import time: the setup cell imports us first.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
 
 COURSE_REPO = "open-llm-course/llm-course"  # GitHub owner/name: badges and the Colab clone use it
