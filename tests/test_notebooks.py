@@ -117,9 +117,9 @@ def test_code_shown_as_utils_is_the_utils_code(notebook):
             tree = ast.parse(cell.source)
             defs = [n for n in tree.body if getattr(n, "name", None) == name]
             assert defs, f"the cell claims to show {dotted} but does not define {name}"
-            shown = ast.get_source_segment(cell.source, defs[0], padded=False)
-            if getattr(defs[0], "decorator_list", None):
-                first = defs[0].decorator_list[0].lineno - 1
-                shown = "\n".join(cell.source.splitlines()[first:defs[0].end_lineno])
+            # whole lines, so a trailing comment on the last line is compared too
+            decorators = getattr(defs[0], "decorator_list", None)
+            first = (decorators[0] if decorators else defs[0]).lineno - 1
+            shown = "\n".join(cell.source.splitlines()[first:defs[0].end_lineno])
             assert textwrap.dedent(inspect.getsource(obj)).strip() == shown.strip(), (
                 f"the notebook's {name} has drifted from {dotted}")
