@@ -1,0 +1,380 @@
+"""LoRA from scratch: low-rank adapters on a frozen model, merged or saved as a small file.
+
+LoRA (Hu et al., 2021) leaves a pretrained weight W (out x in) frozen and learns a low-rank update:
+
+    y = W x + (alpha / r) * B A x        A: (r, in), B: (out, r), r << min(in, out)
+
+B starts at zero, so at step 0 the model is exactly the pretrained one; only A and B train
+(r * (in + out) numbers per layer instead of in * out). After training, W + (alpha / r) B A can
+be merged into one matrix: no extra cost at inference.
+
+* `LoRALinear(base, r, alpha, dropout)`: wraps one nn.Linear (or a `QuantizedLinear`: QLoRA).
+* `add_lora(model, target_modules, r, alpha)`: wraps the named linear layers, freezes the rest.
+* `merge_lora(model)` / `remove_lora(model)`: fold the adapters into the weights / drop them.
+* `save_lora` / `load_lora`: adapters as safetensors in the same layout as peft
+  (`adapter_model.safetensors` + `adapter_config.json`), so peft can load them too.
+* `sft_batch` and `answer_loss`: supervised fine-tuning on (prompt, answer) pairs, with the loss
+  (and the big output layer) computed on the answer tokens only.
+* `PeakRSS`: peak resident memory of this process while a block of code runs; `release_memory`
+  hands memory that PyTorch freed back to the operating system.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import math
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def _check_lora_args(r, alpha, dropout) -> None:
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"r (the LoRA rank) must be a positive int, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        raise ValueError(f"alpha must be a positive number (the update is scaled by alpha / r), got {alpha!r}")
+    if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+
+
+def _is_linear(module) -> bool:
+    """nn.Linear, or anything that behaves like one (e.g. utils.quantization.QuantizedLinear)."""
+    return isinstance(module, nn.Linear) or (
+        hasattr(module, "in_features") and hasattr(module, "out_features") and hasattr(module, "dequantized_weight"))
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update (alpha / r) * B A."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        _check_lora_args(r, alpha, dropout)
+        if not _is_linear(base):
+            raise TypeError(f"LoRALinear wraps a linear layer, got {type(base).__name__}")
+        if isinstance(base, LoRALinear):
+            raise TypeError("this layer already has a LoRA adapter")
+        self.base = base
+        self.r, self.alpha, self.dropout_p = r, alpha, dropout
+        self.scaling = alpha / r
+        weight = getattr(base, "weight", None)
+        dtype = weight.dtype if weight is not None else torch.float32
+        device = weight.device if weight is not None else base.absmax.device
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, dtype=dtype, device=device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear (and peft) initialise A
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        update = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)  # B (A x): never forms B A
+        return self.base(x) + update * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update as a full matrix, (out, in): (alpha / r) * B A."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, dropout={self.dropout_p}"
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """The distinct last names of the model's linear layers (what `target_modules` can name)."""
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if name and _is_linear(m)})
+
+
+def add_lora(model: nn.Module, target_modules, r: int, alpha: float, dropout: float = 0.0) -> nn.Module:
+    """Wrap every linear layer whose name ends with one of `target_modules` in a LoRALinear.
+
+    All other parameters are frozen; only the adapters' A and B train. Changes `model` in place
+    and returns it. target_modules: e.g. ["q_proj", "v_proj"] (last part of the module name).
+    """
+    _check_lora_args(r, alpha, dropout)
+    if isinstance(target_modules, str):
+        target_modules = [target_modules]
+    targets = list(target_modules) if target_modules is not None else []
+    if not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ValueError(f"target_modules must be a non-empty list of module names, got {target_modules!r}")
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("the model already has LoRA adapters: merge_lora or remove_lora first")
+    found = {t: [] for t in targets}
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in found:
+            found[leaf].append((name, module))
+    missing = [t for t, hits in found.items() if not hits]
+    if missing:
+        raise ValueError(f"no module named {missing} in the model; linear layers that exist: "
+                         f"{linear_module_names(model)}")
+    for hits in found.values():
+        for name, module in hits:
+            if not _is_linear(module):
+                raise TypeError(f"{name} is a {type(module).__name__}, not a linear layer; LoRA here wraps "
+                                f"linear layers: {linear_module_names(model)}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for hits in found.values():
+        for name, module in hits:
+            _replace(model, name, LoRALinear(module, r, alpha, dropout))
+    return model
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its weight, W <- W + (alpha / r) B A, and unwrap it (in place).
+
+    A quantised base is de-quantised first: the merged layer is a plain float nn.Linear.
+    """
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA adapters to merge")
+    for name, layer in layers.items():
+        base = layer.base
+        with torch.no_grad():
+            weight = base.dequantized_weight() if hasattr(base, "dequantized_weight") else base.weight
+            merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                               device=weight.device, dtype=weight.dtype)
+            merged.weight.copy_(weight + layer.delta_weight().to(weight.dtype))
+            if base.bias is not None:
+                merged.bias.copy_(base.bias)
+        merged.requires_grad_(False)
+        _replace(model, name, merged)
+    return model
+
+
+def remove_lora(model: nn.Module) -> nn.Module:
+    """Drop the adapters and put the original layers back (in place)."""
+    for name, layer in lora_layers(model).items():
+        _replace(model, name, layer.base)
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; tied weights count once."""
+    params = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+# ------------------------------------------------------------------------------------------------
+# Saving and loading adapters (peft's file layout)
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters only, named as peft names them in adapter_model.safetensors."""
+    out = {}
+    for name, layer in lora_layers(model).items():
+        out[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A.detach().contiguous()
+        out[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B.detach().contiguous()
+    if not out:
+        raise ValueError("the model has no LoRA adapters")
+    return out
+
+
+def save_lora(model: nn.Module, folder, base_model: str = "HuggingFaceTB/SmolLM2-135M-Instruct") -> Path:
+    """Write adapter_model.safetensors + adapter_config.json to `folder` (a few hundred kB)."""
+    from safetensors.torch import save_file
+
+    layers = lora_layers(model)
+    state = lora_state_dict(model)
+    first = next(iter(layers.values()))
+    if any((m.r, m.alpha, m.dropout_p) != (first.r, first.alpha, first.dropout_p) for m in layers.values()):
+        raise ValueError("all adapters must share r, alpha and dropout to be saved in one config")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.cpu() for k, v in state.items()}, str(folder / ADAPTER_WEIGHTS))
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+              "r": first.r, "lora_alpha": first.alpha, "lora_dropout": first.dropout_p, "bias": "none",
+              "target_modules": sorted({n.rsplit(".", 1)[-1] for n in layers}), "fan_in_fan_out": False,
+              "init_lora_weights": True, "inference_mode": True}
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def load_lora(model: nn.Module, folder) -> nn.Module:
+    """Add adapters as described by folder/adapter_config.json and load their weights (safetensors only)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+    if not config_path.is_file() or not weights_path.is_file():
+        raise FileNotFoundError(f"{folder} must contain {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+    config = json.loads(config_path.read_text())
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{config_path} is not a LoRA adapter config (peft_type={config.get('peft_type')!r})")
+    if not lora_layers(model):
+        add_lora(model, config["target_modules"], config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0))
+    state = load_file(str(weights_path))
+    expected = lora_state_dict(model)
+    if set(state) != set(expected):
+        raise ValueError(f"the adapter file does not fit this model: missing {sorted(set(expected) - set(state))[:3]}, "
+                         f"unexpected {sorted(set(state) - set(expected))[:3]}")
+    for name, layer in lora_layers(model).items():
+        for part in ("lora_A", "lora_B"):
+            tensor = state[f"base_model.model.{name}.{part}.weight"]
+            param = getattr(layer, part)
+            if tensor.shape != param.shape:
+                raise ValueError(f"{name}.{part} has shape {tuple(tensor.shape)} in the file, "
+                                 f"{tuple(param.shape)} in the model")
+            with torch.no_grad():
+                param.copy_(tensor)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# Supervised fine-tuning on (prompt, answer) pairs
+
+
+def sft_batch(tokenizer, prompts, answers, device=None) -> dict[str, torch.Tensor]:
+    """Token ids of prompt + answer + end-of-sequence, right-padded, with labels on the answer only.
+
+    labels is -100 (ignored by the loss) on the prompt and on padding: the model is trained to
+    write the answer, not to repeat the question.
+    """
+    if isinstance(prompts, str) or isinstance(answers, str) or len(prompts) != len(answers) or not prompts:
+        raise ValueError("prompts and answers must be non-empty lists of the same length")
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    rows = []
+    for prompt, answer in zip(prompts, answers):
+        p = tokenizer.encode(prompt, add_special_tokens=False)
+        a = tokenizer.encode(answer, add_special_tokens=False) + [eos]
+        rows.append((p + a, [-100] * len(p) + a))
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, lab) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        attention_mask[i, : len(ids)] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
+
+
+def answer_loss(model, batch) -> torch.Tensor:
+    """Mean cross-entropy of the answer tokens; the output layer runs on answer positions only.
+
+    The output layer (576 -> 49152 for SmolLM2) is a fifth of the model's compute; running it
+    only where a label exists (the answer is a third of each sequence) saves time and memory.
+    """
+    hidden = model.get_decoder()(input_ids=batch["input_ids"],
+                                 attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, d)
+    targets = batch["labels"][:, 1:]  # position t predicts token t + 1
+    keep = targets != -100  # (B, T-1)
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # (N answer tokens, vocab)
+    return F.cross_entropy(logits.float(), targets[keep])
+
+
+# ------------------------------------------------------------------------------------------------
+# Measuring memory
+
+
+def saved_activation_bytes(model: nn.Module, fn):
+    """(bytes autograd keeps for the backward pass while `fn()` runs, fn's result).
+
+    Counts every distinct tensor storage saved for backward except the model's own parameters and
+    buffers: the activations. Exact and deterministic, unlike the process's resident memory.
+    """
+    weights = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        # Not `t` itself: when t is the output of the operation saving it (softmax, exp...), t refers
+        # to that operation's graph node, which would refer back to t: a cycle that is never freed.
+        return t.detach()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(saved.values()), out
+
+
+def rss_bytes() -> int:
+    """Current resident memory of this process."""
+    try:
+        with open(f"/proc/{os.getpid()}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        import psutil
+
+        return psutil.Process().memory_info().rss
+
+
+def release_memory() -> int:
+    """Free unreachable objects and hand freed heap memory back to the OS; returns the RSS after.
+
+    PyTorch frees a CPU tensor into the C allocator (malloc), which keeps the memory for later
+    allocations instead of returning it; after many differently sized tensors the heap is full of
+    holes and the process's resident memory (RSS) keeps growing. On Linux (glibc), `malloc_trim`
+    gives the free pages back. Elsewhere only the garbage collection runs.
+    """
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
+            pass
+    return rss_bytes()
+
+
+def peak_rss_bytes() -> int:
+    """Highest resident memory this process has had so far (Linux VmHWM; else the current RSS)."""
+    try:
+        with open(f"/proc/{os.getpid()}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return rss_bytes()
+
+
+class PeakRSS:
+    """Peak resident memory while the `with` block runs, sampled every `interval` seconds.
+
+    >>> with PeakRSS() as mem:
+    ...     x = b"x" * 50_000_000
+    >>> mem.peak - mem.start > 40_000_000
+    True
+    """
+
+    def __init__(self, interval: float = 0.002):
+        self.interval = interval
+
+    def __enter__(self):
+        self.start = self.peak = rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+        return False
