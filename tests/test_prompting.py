@@ -79,8 +79,11 @@ def test_wilson_interval_known_values():
 
 
 def test_wilson_bad_input():
-    for args in [(1, 0), (-1, 10), (11, 10), (1.5, 10)]:
+    for args in [(1, 0), (-1, 10), (11, 10)]:
         with pytest.raises(ValueError):
+            wilson_interval(*args)
+    for args in [(1.5, 10), (True, 10), (3, 10.0)]:
+        with pytest.raises(TypeError, match="must be an int"):
             wilson_interval(*args)
     with pytest.raises(ValueError):
         accuracy_ci([])

@@ -139,7 +139,7 @@ def test_wilson_interval():
     assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
     with pytest.raises(ValueError, match="n must be a positive int"):
         rag.wilson_interval(0, 0)
-    with pytest.raises(ValueError, match="successes must be between"):
+    with pytest.raises(ValueError, match="k must be an int between"):
         rag.wilson_interval(5, 4)
 
 

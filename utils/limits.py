@@ -13,11 +13,12 @@
 from __future__ import annotations
 
 import itertools
-import math
 import random
 import re
 
 import torch
+
+from utils.prompting import wilson_interval  # noqa: F401  (lesson 07's; re-exported for lesson 12)
 
 # Phrases by which a model declines to answer. Matching is on lower-cased text with straight quotes.
 ABSTAIN_PHRASES = (
@@ -32,19 +33,6 @@ ABSTAIN_PHRASES = (
     "does not mention", "doesn't mention", "not provided", "does not say", "doesn't say",
     "is unknown", "are unknown", "not specified", "not known",
 )
-
-
-def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% (z=1.96) Wilson score interval for a proportion k/n; better than p +- 2se for small n."""
-    if not (isinstance(k, int) and isinstance(n, int)) or isinstance(k, bool) or isinstance(n, bool):
-        raise TypeError(f"k and n must be ints, got {type(k).__name__} and {type(n).__name__}")
-    if n <= 0 or not 0 <= k <= n:
-        raise ValueError(f"need n > 0 and 0 <= k <= n, got k={k}, n={n}")
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def rate_with_ci(flags) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import numbers
 import re
 from dataclasses import dataclass
 
@@ -459,9 +460,12 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
     Unlike p +- z*sqrt(p(1-p)/n) it stays inside [0, 1] and is sensible at k=0 or k=n.
     """
-    if not isinstance(n, int) or n <= 0:
-        raise ValueError(f"n must be a positive int, got {n!r}")
-    if not isinstance(k, int) or not 0 <= k <= n:
+    for name, value in (("k", k), ("n", n)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int (a count), got {type(value).__name__} {value!r}")
+    if n <= 0:
+        raise ValueError(f"n must be a positive int (the number of examples), got {n!r}")
+    if not 0 <= k <= n:
         raise ValueError(f"k must be an int between 0 and n={n}, got {k!r}")
     if z <= 0:
         raise ValueError(f"z must be positive, got {z!r}")
@@ -469,7 +473,9 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    low = 0.0 if k == 0 else max(0.0, centre - half)  # exact ends, no rounding residue
+    high = 1.0 if k == n else min(1.0, centre + half)
+    return low, high
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .prompting import wilson_interval  # noqa: F401  (lesson 07's; the error bars of lesson 09)
+
 IDK = "I don't know."  # what answer() returns when retrieval finds nothing relevant enough
 DEFAULT_MIN_SCORE = 0.20  # cosine threshold of the "I don't know" path; lesson 09 measures it
 INDEX_KINDS = ("flat", "hnsw")
@@ -496,21 +498,6 @@ def mrr(ranked_sources: list[list[str]], gold: list[set[str]], k: int = 10) -> f
                 total += 1 / rank
                 break
     return total / len(gold)
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% (z=1.96) Wilson score interval for a proportion successes/n: honest error bars for
-    rates measured on a few dozen questions (it stays inside [0, 1], unlike the normal one)."""
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"n must be a positive int (the number of trials), got {n!r}")
-    if not 0 <= successes <= n:
-        raise ValueError(f"successes must be between 0 and n={n}, got {successes!r}")
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    lo = 0.0 if successes == 0 else max(0.0, centre - half)  # exact ends, no rounding residue
-    hi = 1.0 if successes == n else min(1.0, centre + half)
-    return lo, hi
 
 
 def evaluate_retrieval(retriever: Retriever, questions: list[dict], k: int = 5) -> dict[str, float]:
