@@ -276,6 +276,14 @@ def test_lora_on_a_quantized_base_trains_only_the_adapters(ids):
     torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
 
 
+def ints_printed_by_fresh_python(code: str) -> list[int]:
+    """Run `code` in a new interpreter at the repo root (memory freed by earlier tests in this
+    process could hide an allocation) and return the ints it prints."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    return [int(word) for word in out.stdout.split()]
+
+
 def test_peak_rss_sees_an_allocation():
     # In a fresh process: in this one, memory freed by earlier tests can be reused without growing RSS.
     code = (
@@ -287,9 +295,8 @@ def test_peak_rss_sees_an_allocation():
         "    del block\n"
         "print(mem.peak - mem.start)\n"
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
-    assert int(out.stdout.strip()) > 30_000_000
+    (grown,) = ints_printed_by_fresh_python(code)
+    assert grown > 30_000_000
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="malloc_trim is glibc's (Linux)")
@@ -306,9 +313,8 @@ def test_release_memory_gives_freed_heap_memory_back():
         "after = release_memory()\n"
         "print(before - after)\n"
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
-    assert int(out.stdout.strip()) > 100_000_000
+    (given_back,) = ints_printed_by_fresh_python(code)
+    assert given_back > 100_000_000
 
 
 def test_saved_activation_bytes_frees_its_graph_and_keeps_gradients_right():
@@ -326,9 +332,7 @@ def test_saved_activation_bytes_frees_its_graph_and_keeps_gradients_right():
         "    del out\n"
         "print(saved, release_memory() - base)\n"
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
-    saved, kept = map(int, out.stdout.split())
+    saved, kept = ints_printed_by_fresh_python(code)
     assert saved > 60_000_000 and kept < saved // 4, (saved, kept)  # the graphs of 3 calls are gone
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.Softmax(dim=-1), nn.Linear(8, 1))
