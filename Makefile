@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.setup-done
 
-.PHONY: setup lab test budget clean-cache
+.PHONY: setup lab test test-fast budget clean-cache
 
 $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "Python 3.10+ needed, this is " + sys.version' 
@@ -25,6 +25,9 @@ lab: $(STAMP)
 test: export OMP_WAIT_POLICY = PASSIVE
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" tests
 
 budget: $(STAMP)
 	$(BIN)/python tests/budget.py

@@ -56,11 +56,13 @@ def tiny_chat_model(seed: int = 0):
 
 
 class ScriptedModel(torch.nn.Module):
-    """Always predicts the next token of `text` (then eos), whatever the input: a model with known output.
+    """Always continues with the next token of `text` (then eos), whatever came before: a model whose
+    greedy output is known exactly.
 
-    Call it like a HF causal LM (input_ids, attention_mask, position_ids, past_key_values, use_cache);
-    its "cache" (`SeenCount`) is just the number of tokens generated so far per row, so each row follows
-    the script from where its own generation started.
+    Call it like a HF causal LM (input_ids, attention_mask, position_ids, past_key_values, use_cache).
+    At each position it finds how much of the script the sequence already ends with and predicts the
+    next script token, so each row of a padded batch follows the script from where its own reply began.
+    Its "KV cache" (`SeenTokens`) is simply the token ids seen so far, per row.
     """
 
     def __init__(self, tokenizer, text: str):
@@ -74,24 +76,32 @@ class ScriptedModel(torch.nn.Module):
     def device(self):
         return self.dummy.device
 
+    def next_script_token(self, seen: list[int]) -> int:
+        for done in range(min(len(seen), len(self.script) - 1), 0, -1):
+            if seen[-done:] == self.script[:done]:
+                return self.script[done]
+        return self.script[0]
+
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
                 **kwargs):
         B, T = input_ids.shape
-        generated = past_key_values.counts if past_key_values is not None else torch.full((B,), -T)
+        seen = past_key_values.rows if past_key_values is not None else [[] for _ in range(B)]
         logits = torch.full((B, T, self.vocab_size), -1e4)
-        for row in range(B):
+        rows = []
+        for b in range(B):
+            row = list(seen[b])
             for t in range(T):
-                step = int(generated[row]) + t + 1  # tokens generated after this position
-                index = min(max(step, 0), len(self.script) - 1)
-                logits[row, t, self.script[index]] = 0.0
-        return CausalLMOutputWithPast(logits=logits, past_key_values=SeenCount(generated + T) if use_cache else None)
+                row.append(int(input_ids[b, t]))
+                logits[b, t, self.next_script_token(row)] = 0.0
+            rows.append(row)
+        return CausalLMOutputWithPast(logits=logits, past_key_values=SeenTokens(rows) if use_cache else None)
 
 
-class SeenCount:
-    """ScriptedModel's KV-cache stand-in: per row, tokens generated so far (negative inside the prompt)."""
+class SeenTokens:
+    """ScriptedModel's KV-cache stand-in: the token ids each row has seen."""
 
-    def __init__(self, counts: torch.Tensor):
-        self.counts = counts
+    def __init__(self, rows: list[list[int]]):
+        self.rows = rows
 
     def batch_repeat_interleave(self, repeats: int) -> None:  # what a shared-prefix cache is asked to do
-        self.counts = self.counts.repeat_interleave(repeats)
+        self.rows = [list(row) for row in self.rows for _ in range(repeats)]

@@ -26,8 +26,8 @@ def test_get_price_returns_the_row():
 
 
 @pytest.mark.parametrize("args, kwargs, error, message", [
-    ((-1, 0), {}, ValueError, "input_tokens must be >= 0"),
-    ((0, -5), {}, ValueError, "output_tokens must be >= 0"),
+    ((-1, 0), {}, ValueError, "input_tokens must be an int >= 0"),
+    ((0, -5), {}, ValueError, "output_tokens must be an int >= 0"),
     ((1.5, 0), {}, TypeError, "input_tokens must be an int"),
     ((True, 0), {}, TypeError, "input_tokens must be an int"),
     ((1, 1), {"price": "gpt-99"}, ValueError, "unknown model price 'gpt-99'"),

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from utils import data
+from utils.data import load_jsonl
 
 
 def test_python_docs_is_the_language_reference():
@@ -49,3 +50,12 @@ def test_tampered_data_file_is_refused(tmp_path, monkeypatch):
         data.load_jsonl("rows.jsonl")
     with pytest.raises(ValueError, match="not a course data file"):
         data.load_jsonl("nope.jsonl")
+
+
+def test_every_handbook_answer_is_matched_by_its_own_aliases():
+    """A reply that states the gold answer in its own words must score as correct (whole-word matching)."""
+    from utils.answers import mentions_any
+
+    for q in load_jsonl("09_handbook_questions.jsonl"):
+        if q["answerable"] and not q["answer"].isdigit():  # bare numbers need their unit ("3 days")
+            assert mentions_any(q["answer"], q["aliases"]), q["id"]

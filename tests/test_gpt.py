@@ -171,6 +171,7 @@ def test_llama_config_bad_input():
         Llama.from_hf("SmolLM2")
 
 
+@pytest.mark.slow
 def test_from_hf_matches_transformers_logits(smollm2):
     hf_model, tokenizer, ours = smollm2
     assert ours.num_parameters() == sum(p.numel() for p in hf_model.parameters()) == 134_515_008
@@ -185,6 +186,7 @@ def test_from_hf_matches_transformers_logits(smollm2):
     assert worst < 1e-3, f"max |logit difference| = {worst:.2e}"
 
 
+@pytest.mark.slow
 def test_from_hf_copies_by_default_and_shares_on_request(smollm2):
     hf_model, tokenizer, ours = smollm2
     hf_ptr = hf_model.model.layers[3].mlp.up_proj.weight.data_ptr()
@@ -197,6 +199,7 @@ def test_from_hf_copies_by_default_and_shares_on_request(smollm2):
         assert torch.equal(shared(x), ours(x))
 
 
+@pytest.mark.slow
 def test_from_hf_greedy_continuation_and_cache_match_transformers(smollm2):
     hf_model, tokenizer, ours = smollm2
     x = tokenizer(PROMPTS[0], return_tensors="pt").input_ids
@@ -214,6 +217,7 @@ def test_from_hf_greedy_continuation_and_cache_match_transformers(smollm2):
     assert (cached - full).abs().max() < 1e-3
 
 
+@pytest.mark.slow
 def test_from_hf_refuses_other_architectures(smollm2):
     hf_model, _, _ = smollm2
 

@@ -16,12 +16,12 @@ from utils.local_inference import (
     dequantize_q4_1,
     generation_speed,
     measure_memory_bandwidth,
-    model_size_bytes,
-    perplexity,
+    model_perplexity,
     quantize_int8_dynamic,
     quantize_int8_symmetric,
     quantize_q4_1,
 )
+from utils.model_surgery import weight_bytes
 
 
 def hand_made_block(d: float, m: float, q: list[int]) -> np.ndarray:
@@ -115,7 +115,7 @@ def test_dynamic_quantisation_shrinks_the_linear_weights_and_keeps_outputs():
     x = torch.randn(4, 256)
     quantized = quantize_int8_dynamic(model)
     assert quantized is not model  # a copy unless inplace=True
-    before, after = model_size_bytes(model), model_size_bytes(quantized)
+    before, after = weight_bytes(model), weight_bytes(quantized)
     assert 3.5 < before / after < 4.1  # int8 weights (+ float biases) vs float32
     rel = (quantized(x) - model(x)).norm() / model(x).norm()
     assert rel < 0.05
@@ -147,13 +147,6 @@ def test_per_tensor_activation_scales_suffer_from_one_outlier():
         Int8Linear(linear, activations="channel")
 
 
-def test_model_size_counts_a_tied_weight_once():
-    emb = nn.Embedding(10, 4)
-    head = nn.Linear(4, 10, bias=False)
-    head.weight = emb.weight
-    assert model_size_bytes(nn.ModuleList([emb, head])) == 10 * 4 * 4
-
-
 class UniformLM(nn.Module):
     def __init__(self, vocab):
         super().__init__()
@@ -163,12 +156,29 @@ class UniformLM(nn.Module):
         return torch.zeros(*ids.shape, self.vocab)
 
 
-def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
-    assert math.isclose(perplexity(UniformLM(50), torch.arange(40) % 50, window=16), 50, rel_tol=1e-5)
+class BigramLM(nn.Module):
+    """Always puts probability 1/2 on (previous token + 1) mod vocab, the rest spread evenly."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, ids):
+        p = torch.full((*ids.shape, self.vocab), 0.5 / (self.vocab - 1))
+        p.scatter_(-1, ((ids + 1) % self.vocab)[..., None], 0.5)
+        return p.log()
+
+
+def test_model_perplexity_of_known_models():
+    assert math.isclose(model_perplexity(UniformLM(50), torch.arange(40) % 50, window=16), 50, rel_tol=1e-5)
+    # a counting text: every next token is the predicted one, p = 1/2 -> perplexity 2
+    assert math.isclose(model_perplexity(BigramLM(10), torch.arange(40) % 10, window=16), 2, rel_tol=1e-5)
     with pytest.raises(ValueError):
-        perplexity(UniformLM(5), torch.tensor([1]))
+        model_perplexity(UniformLM(5), torch.tensor([1]))
     with pytest.raises(ValueError):
-        perplexity(UniformLM(5), torch.arange(5), window=1)
+        model_perplexity(UniformLM(5), torch.arange(5), window=1)
+    with pytest.raises(TypeError):
+        model_perplexity(UniformLM(5), torch.arange(5), window=2.0)
 
 
 def test_bandwidth_bound_arithmetic():
@@ -183,10 +193,11 @@ def test_bandwidth_bound_arithmetic():
         bandwidth_bound_tokens_per_s("7B", 4, 100)
 
 
-def test_memory_bandwidth_is_measured():
-    assert measure_memory_bandwidth(megabytes=32, repeats=2) > 0.1  # GB/s: any machine moves more
-    with pytest.raises(ValueError):
+def test_memory_bandwidth_refuses_a_buffer_that_fits_in_the_cpu_caches():
+    with pytest.raises(ValueError, match="megabytes"):
         measure_memory_bandwidth(megabytes=1)
+    with pytest.raises(ValueError, match="repeats"):
+        measure_memory_bandwidth(repeats=0)
 
 
 def test_generation_speed_rejects_bad_counts():

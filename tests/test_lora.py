@@ -1,4 +1,7 @@
-"""utils.lora: LoRA from scratch, checked against its promises and against peft (on a tiny random Llama)."""
+"""utils.lora: LoRA from scratch, checked against its promises and against peft (on a tiny random Llama).
+
+The memory checks run in a fresh Python interpreter each (a child process), so they are marked slow.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from utils.lora import (
     LoRALinear,
     add_lora,
     answer_loss,
+    check_lora_args,
     count_parameters,
     linear_module_names,
     load_lora,
@@ -183,16 +187,21 @@ def test_peft_loads_our_adapter_files(tmp_path, ids):
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"r": 0}, "r"), ({"r": -2}, "r"), ({"r": 2.5}, "r"), ({"alpha": 0}, "alpha"), ({"alpha": -1.0}, "alpha"),
-    ({"dropout": 1.0}, "dropout"), ({"dropout": -0.1}, "dropout"),
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"r": 0}, ValueError, "r"), ({"r": -2}, ValueError, "r"), ({"r": 2.5}, TypeError, "r"),
+    ({"r": True}, TypeError, "r"), ({"alpha": 0}, ValueError, "alpha"), ({"alpha": -1.0}, ValueError, "alpha"),
+    ({"alpha": "8"}, TypeError, "alpha"), ({"dropout": 1.0}, ValueError, "dropout"),
+    ({"dropout": -0.1}, ValueError, "dropout"),
 ])
-def test_bad_hyperparameters_are_refused(kwargs, message):
+def test_bad_hyperparameters_are_refused(kwargs, error, message):
     args = {"r": 4, "alpha": 8, "dropout": 0.0, **kwargs}
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(error, match=message):
+        check_lora_args(**args)
+    with pytest.raises(error, match=message):
         add_lora(tiny_llama(), TARGETS, **args)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(error, match=message):
         LoRALinear(nn.Linear(4, 4), **args)
+    check_lora_args(4, 8, 0.0)  # the defaults pass
 
 
 def test_unknown_target_names_the_modules_that_exist():
@@ -244,8 +253,10 @@ def test_sft_batch_labels_only_the_answer():
     assert batch["labels"][0].tolist() == [-100, -100, 88, 0, -100, -100, -100]
     assert batch["labels"][1].tolist() == [-100, -100, -100, -100, 89, 90, 0]
     assert batch["attention_mask"].sum(1).tolist() == [4, 7]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="same length"):
         sft_batch(Tok(), ["a"], ["b", "c"])
+    with pytest.raises(TypeError):
+        sft_batch(Tok(), "ab", "X")  # one string, not a list of prompts
 
 
 def test_answer_loss_is_the_usual_causal_lm_loss():
@@ -284,6 +295,7 @@ def ints_printed_by_fresh_python(code: str) -> list[int]:
     return [int(word) for word in out.stdout.split()]
 
 
+@pytest.mark.slow
 def test_peak_rss_sees_an_allocation():
     # In a fresh process: in this one, memory freed by earlier tests can be reused without growing RSS.
     code = (
@@ -299,6 +311,7 @@ def test_peak_rss_sees_an_allocation():
     assert grown > 30_000_000
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="malloc_trim is glibc's (Linux)")
 def test_release_memory_gives_freed_heap_memory_back():
     # In a fresh process. 3000 tensors of 64 kB come from the heap (below malloc's mmap threshold);
@@ -317,7 +330,8 @@ def test_release_memory_gives_freed_heap_memory_back():
     assert given_back > 100_000_000
 
 
-def test_saved_activation_bytes_frees_its_graph_and_keeps_gradients_right():
+@pytest.mark.slow
+def test_saved_activation_bytes_frees_its_graph():
     # Softmax saves its own output for backward: the case where a pack hook returning the tensor
     # itself makes a reference cycle that is never freed. In a fresh process, measured by RSS.
     code = (
@@ -334,6 +348,9 @@ def test_saved_activation_bytes_frees_its_graph_and_keeps_gradients_right():
     )
     saved, kept = ints_printed_by_fresh_python(code)
     assert saved > 60_000_000 and kept < saved // 4, (saved, kept)  # the graphs of 3 calls are gone
+
+
+def test_saved_activation_bytes_keeps_gradients_right():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.Softmax(dim=-1), nn.Linear(8, 1))
     x = torch.randn(5, 8)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from utils import models
-from utils.models import ModelIntegrityError, chat, load_chat_model, load_embedder
+from utils.generation import chat
+from utils.models import ModelIntegrityError, load_chat_model, load_embedder
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -18,6 +19,7 @@ def chat_model():
     return load_chat_model()
 
 
+@pytest.mark.slow
 def test_chat_model_knows_the_capital_of_france(chat_model):
     model, tokenizer = chat_model
     assert model.config.model_type == "llama"
@@ -26,6 +28,7 @@ def test_chat_model_knows_the_capital_of_france(chat_model):
     assert "Paris" in chat(model, tokenizer, "What is the capital of France?")
 
 
+@pytest.mark.slow
 def test_second_load_uses_the_cache(chat_model, monkeypatch):
     def no_conversion(*_):
         raise AssertionError("the cache should have been used")
@@ -51,6 +54,7 @@ def _copy_with_flipped_byte(src: Path, dst: Path, filename: str) -> None:
         f.write(bytes([byte[0] ^ 0xFF]))
 
 
+@pytest.mark.slow
 def test_modified_gguf_is_refused(tmp_path, monkeypatch):
     real = models.package_folder(models.CHAT_PACKAGE, models.CHAT_PACKAGE_PIP)
     _copy_with_flipped_byte(real, tmp_path / "pkg", models.CHAT_GGUF_FILE)
@@ -59,6 +63,7 @@ def test_modified_gguf_is_refused(tmp_path, monkeypatch):
         load_chat_model()
 
 
+@pytest.mark.slow
 def test_modified_cache_is_refused(chat_model, tmp_path, monkeypatch):
     cached = models._chat_cache_folder()
     monkeypatch.setenv("LLM_COURSE_CACHE", str(tmp_path))
@@ -67,6 +72,7 @@ def test_modified_cache_is_refused(chat_model, tmp_path, monkeypatch):
         load_chat_model()
 
 
+@pytest.mark.slow
 def test_modified_embedder_is_refused(tmp_path, monkeypatch):
     real = models.package_folder(models.EMBEDDER_PACKAGE, models.EMBEDDER_PACKAGE_PIP)
     _copy_with_flipped_byte(real / "model", tmp_path / "pkg" / "model", models.EMBEDDER_WEIGHTS_FILE)
@@ -91,6 +97,7 @@ def test_hub_opt_in_is_explicit_and_explains_offline(monkeypatch):
         load_embedder(hub_id="not-a-hub-id")
 
 
+@pytest.mark.slow
 def test_embedder_gives_meaningful_similarities():
     embedder = load_embedder()
     vectors = embedder.encode(["A cat sits on the mat.", "A kitten rests on a rug.",
@@ -100,14 +107,16 @@ def test_embedder_gives_meaningful_similarities():
     assert cat_kitten > 0.5 > cat_tax
 
 
+@pytest.mark.slow
 def test_chat_rejects_empty_message(chat_model):
     with pytest.raises(ValueError, match="non-empty"):
         chat(*chat_model, "   ")
 
 
+@pytest.mark.slow
 def test_two_processes_converting_at_once_both_get_a_complete_cache(tmp_path):
     """Write-then-rename: a concurrent loader never sees a half-written cache."""
-    script = ("from utils.models import load_chat_model, chat\n"
+    script = ("from utils.models import load_chat_model\nfrom utils.generation import chat\n"
               "m, t = load_chat_model()\n"
               "print(chat(m, t, 'What is the capital of France?', max_new_tokens=12))\n")
     env = {**os.environ, "LLM_COURSE_CACHE": str(tmp_path), "PYTHONPATH": str(REPO),

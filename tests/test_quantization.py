@@ -18,7 +18,7 @@ from utils.quantization import (
     nf4_code,
     quantize_blockwise,
     quantize_model,
-    weight_bytes,
+    weight_bytes_by_kind,
 )
 
 # The NF4 table as published with QLoRA (bitsandbytes, Dettmers et al. 2023): an outside reference.
@@ -44,6 +44,9 @@ def test_nf4_code_is_the_published_table():
 def test_linear_codes():
     assert linear_code(8).shape == (255,) and linear_code(4).shape == (15,)
     assert linear_code(4)[0] == -1 and linear_code(4)[7] == 0 and linear_code(4)[-1] == 1
+    assert linear_code(2).tolist() == [-1.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match="bits"):
+        linear_code(1)
 
 
 @pytest.mark.parametrize("code", ["nf4", "int4", "int8"])
@@ -96,10 +99,14 @@ def test_bad_input_is_refused():
         quantize_blockwise(weights(), "fp3")
     with pytest.raises(ValueError, match="block_size"):
         quantize_blockwise(weights(), "nf4", block_size=7)
+    with pytest.raises(TypeError, match="block_size"):
+        quantize_blockwise(weights(), "nf4", block_size=64.0)
     with pytest.raises(ValueError, match="multiple"):
         quantize_blockwise(torch.randn(10, 10), "nf4", block_size=64)
     with pytest.raises(TypeError, match="floating"):
         quantize_blockwise(torch.ones(64, dtype=torch.long), "nf4")
+    with pytest.raises(TypeError, match="floating"):
+        quantize_blockwise([0.5] * 64, "nf4")
     with pytest.raises(TypeError):
         QuantizedLinear(nn.Conv1d(2, 2, 1))
 
@@ -134,14 +141,16 @@ def test_quantize_model_swaps_linears_and_shrinks_them():
     model = LlamaForCausalLM(config).eval()
     ids = torch.randint(0, 96, (2, 8))
     reference = model(ids).logits.detach()
-    before = weight_bytes(model)
+    before = weight_bytes_by_kind(model)
+    assert before["quantized linear"] == 0
     quantize_model(model, "nf4", 64)
     kinds = {type(m).__name__ for n, m in model.named_modules() if n.endswith(("_proj",))}
     assert kinds == {"QuantizedLinear"}
     assert type(model.lm_head) is nn.Linear  # skipped: tied to the embedding
-    after = weight_bytes(model)
-    linear_params = 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128)
-    assert after["quantized linear"] == linear_params // 2 + 4 * linear_params // 64
+    after = weight_bytes_by_kind(model)
+    linear_params = 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128)  # 2 layers of q, o, k, v, gate, up, down
+    # 4 bits per weight + one float32 scale per block of 64 + each layer's 16-value float32 code book
+    assert after["quantized linear"] == linear_params // 2 + 4 * linear_params // 64 + 14 * 16 * 4
     assert after["float parameters"] == before["float parameters"] - 4 * linear_params
     logits = model(ids).logits
     assert ((logits - reference).pow(2).mean() / reference.pow(2).mean()) < 0.05

@@ -8,6 +8,18 @@ import pytest
 from utils import vectordb as vdb
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_faiss_thread():
+    """FAISS's OpenMP threads spin-wait for each other on a busy machine: on 2 shared cores the IVF-PQ
+    training below took 13 s with 2 threads and 0.5 s with 1. Tiny indexes gain nothing from threads."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def data():
     rng = np.random.default_rng(0)
@@ -25,7 +37,14 @@ def test_recall_at_k_by_hand():
     truth = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
     found = np.array([[4, 3, 9, 9], [5, 0, 0, 0]])
     assert vdb.recall_at_k(found, truth, 4) == pytest.approx((2 / 4 + 1 / 4) / 2)
+    assert vdb.recall_at_k(found, truth, 1) == pytest.approx((0 + 1) / 2)  # only the first column counts
     assert vdb.recall_at_k(truth, truth, 4) == 1.0
+
+
+def test_small_helpers_docstring_examples():
+    np.testing.assert_allclose(vdb.normalize([[3, 4]]), [[0.6, 0.8]])
+    assert vdb.check_vectors([0.6, 0.8]).shape == (1, 2)
+    assert vdb.flat_bytes(1_000, 384) == 1_536_000 == vdb.memory_estimate(1_000, 384, "flat")
 
 
 def test_flat_is_exact_and_approximate_indexes_are_close(data):
@@ -83,6 +102,17 @@ def test_bad_input_is_refused(data):
     for k in (0, -1):
         with pytest.raises(ValueError, match="k must be a positive int"):
             vdb.search(index, xq, k)
+        with pytest.raises(ValueError, match="k must be a positive int"):
+            vdb.filtered_search(index, xq, k, [1, 2, 3])
+    with pytest.raises(TypeError, match="k must be an int"):
+        vdb.search(index, xq, 2.5)
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        vdb.recall_at_k(np.zeros((1, 3)), np.zeros((1, 3)), 0)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        vdb.memory_estimate(10, 8, "annoy")
+    hnsw, _ = vdb.build_index("hnsw", xb[:100], M=4)
+    with pytest.raises(ValueError, match="ef_search must be a positive int"):
+        vdb.set_search_params(hnsw, ef_search=0)
     with pytest.raises(ValueError, match="kind must be one of"):
         vdb.build_index("annoy", xb)
     with pytest.raises(ValueError, match="must divide the dimension"):

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def _check_qkv(q, k, v) -> None:
+def check_qkv(q, k, v) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -43,6 +43,8 @@ def causal_mask(Tq: int, Tk: int | None = None, device=None) -> torch.Tensor:
 
     With Tq == Tk this is the lower triangle. With Tq < Tk (a KV cache holds Tk - Tq earlier
     tokens) the queries are the LAST Tq positions, so the triangle is aligned to the end.
+
+    Shown in lesson 03.
     """
     Tk = Tq if Tk is None else Tk
     if Tq < 1 or Tk < 1:
@@ -60,6 +62,8 @@ def attention_weights(q, k, causal: bool = False, mask=None) -> torch.Tensor:
 
     `mask` follows torch's convention: a bool tensor (True = may attend) or a float tensor added
     to the scores (0 = keep, -inf = block); it must broadcast to (..., Tq, Tk).
+
+    Shown in lesson 03.
     """
     d = q.shape[-1]
     scores = q @ k.transpose(-2, -1) / math.sqrt(d)  # (..., Tq, Tk); /sqrt(d) keeps the variance ~1
@@ -89,8 +93,10 @@ def scaled_dot_product_attention(q, k, v, causal: bool = False, mask=None,
     q: (..., Tq, d), k: (..., Tk, d), v: (..., Tk, dv) -> (..., Tq, dv).
     causal=True lets query i see keys j <= i + (Tk - Tq) (see `causal_mask`).
     dropout_p drops attention weights (training only: pass 0.0 in eval, as torch's function does).
+
+    Shown in lesson 03.
     """
-    _check_qkv(q, k, v)
+    check_qkv(q, k, v)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     weights = attention_weights(q, k, causal=causal, mask=mask)  # (..., Tq, Tk)
@@ -104,7 +110,7 @@ def torch_attention(q, k, v, causal: bool = False, mask=None, dropout_p: float =
     """The same as `scaled_dot_product_attention`, computed by torch's fused kernel (faster, and
     it never stores the (Tq, Tk) weights). torch's `is_causal` aligns the triangle to the START
     when Tq != Tk, so for the KV-cache case the end-aligned mask is passed explicitly."""
-    _check_qkv(q, k, v)
+    check_qkv(q, k, v)
     Tq, Tk = q.shape[-2], k.shape[-2]
     if causal and (Tq != Tk or mask is not None):
         allowed = causal_mask(Tq, Tk, device=q.device)
@@ -178,13 +184,13 @@ class KVCache:
 
 
 def split_heads(x: torch.Tensor, n_head: int) -> torch.Tensor:
-    """(B, T, H*d) -> (B, H, T, d): each head gets its own slice of the channels."""
+    """(B, T, H*d) -> (B, H, T, d): each head gets its own slice of the channels. Shown in lesson 03."""
     B, T, C = x.shape
     return x.view(B, T, n_head, C // n_head).transpose(1, 2)
 
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, T, d) -> (B, T, H*d): concatenate the heads' outputs again."""
+    """(B, H, T, d) -> (B, T, H*d): concatenate the heads' outputs again. Shown in lesson 03."""
     B, H, T, d = x.shape
     return x.transpose(1, 2).contiguous().view(B, T, H * d)
 
@@ -197,6 +203,8 @@ class MultiHeadAttention(nn.Module):
     KVCache this module uses. impl="course" attends with this module's own
     `scaled_dot_product_attention`, impl="torch" with torch's fused kernel (same numbers to
     ~1e-6, faster to train).
+
+    Shown in lesson 03.
     """
 
     def __init__(self, n_embd: int, n_head: int, bias: bool = True, dropout: float = 0.0,

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported only where a tensor is checked: utils.stats needs no torch
+    import torch
 
 
 def check_int(name: str, value, low: int | None = None, high: int | None = None, what: str = "") -> int:
@@ -26,7 +30,10 @@ def check_int(name: str, value, low: int | None = None, high: int | None = None,
 
 def check_positive_int(name: str, value, what: str = "") -> int:
     """An int >= 1 (not a bool). Example: check_positive_int("k", 5) -> 5."""
-    return check_int(name, value, low=1, what=what)
+    value = check_int(name, value, what=what)
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int (>= 1){what}, got {value!r}")
+    return value
 
 
 def check_number(name: str, value, low: float = -math.inf, high: float = math.inf,
@@ -80,3 +87,29 @@ def check_choice(name: str, value, allowed) -> str:
     if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
     return value
+
+
+def check_finite_tensor(name: str, x, floating: bool = True) -> torch.Tensor:
+    """A non-empty torch.Tensor (a float one, or, with floating=False, bool/int converted to float), all finite.
+
+    Example: check_finite_tensor("rewards", torch.tensor([1.0, 2.0])) -> the tensor; [1.0, nan] -> ValueError.
+    """
+    import torch
+
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_complex() or (floating and not x.is_floating_point()):
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty: need at least one value")
+    x = x if x.is_floating_point() else x.to(torch.get_default_dtype())
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} has NaN or inf values: all values must be finite")
+    return x
+
+
+def check_same_shape(**tensors) -> None:
+    """Tensors that must line up. Example: check_same_shape(a=torch.zeros(2), b=torch.zeros(3)) -> ValueError."""
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"these tensors must have one shape, got {shapes}")

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 
+from utils.checks import check_int, check_number
+
 # Dollars per million tokens. Add rows freely: each is {"input": $/M, "output": $/M}.
 PRICES: dict[str, dict[str, float]] = {
     "mid-size hosted": {"input": 3.00, "output": 15.00},
@@ -42,17 +44,10 @@ def get_price(price: str | dict = DEFAULT_PRICE) -> dict[str, float]:
     raise TypeError(f"price must be a model name (str) or a dict, got {type(price).__name__}")
 
 
-def _check_count(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int (a number of tokens), got {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-
-
 def api_cost(input_tokens: int, output_tokens: int, price: str | dict = DEFAULT_PRICE) -> float:
     """Dollars for one request (or a total): tokens / 1e6 x dollars per million, input and output."""
-    _check_count("input_tokens", input_tokens)
-    _check_count("output_tokens", output_tokens)
+    check_int("input_tokens", input_tokens, low=0, what=" (a number of tokens)")
+    check_int("output_tokens", output_tokens, low=0, what=" (a number of tokens)")
     row = get_price(price)
     return (input_tokens * row["input"] + output_tokens * row["output"]) / 1_000_000
 
@@ -69,26 +64,17 @@ SELF_HOSTING = {"gpu_hourly_usd": 4.00, "gpus": 2, "hours_per_month": 730}
 DEFAULT_INPUT_SHARE = 0.75  # chat and RAG requests: most tokens are prompt (input) tokens
 
 
-def _check_number(name: str, value, low: float = 0.0, high: float = math.inf, low_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
-        bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-        raise ValueError(f"{name} must be a finite number in {bounds}, got {value!r}")
-    return float(value)
-
-
 def blended_price(price: str | dict = DEFAULT_PRICE, input_share: float = DEFAULT_INPUT_SHARE) -> float:
     """Dollars per million tokens when a fraction input_share of all tokens are input tokens."""
     row = get_price(price)
-    share = _check_number("input_share", input_share, 0.0, 1.0)
+    share = check_number("input_share", input_share, low=0.0, high=1.0)
     return share * row["input"] + (1 - share) * row["output"]
 
 
 def api_monthly_cost(tokens_per_month: float, price: str | dict = DEFAULT_PRICE,
                      input_share: float = DEFAULT_INPUT_SHARE) -> float:
     """Dollars per month for tokens_per_month tokens (input + output) through a paid API."""
-    tokens = _check_number("tokens_per_month", tokens_per_month)
+    tokens = check_number("tokens_per_month", tokens_per_month, low=0.0)
     return tokens / 1_000_000 * blended_price(price, input_share)
 
 
@@ -99,15 +85,15 @@ def self_hosting_monthly_cost(gpu_hourly_usd: float = SELF_HOSTING["gpu_hourly_u
     """Dollars per month for GPUs rented around the clock (plus any other fixed monthly cost)."""
     if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
         raise ValueError(f"gpus must be an int >= 1, got {gpus!r}")
-    hourly = _check_number("gpu_hourly_usd", gpu_hourly_usd)
-    hours = _check_number("hours_per_month", hours_per_month, 0.0, 24 * 31)
-    return hourly * gpus * hours + _check_number("other_monthly_usd", other_monthly_usd)
+    hourly = check_number("gpu_hourly_usd", gpu_hourly_usd, low=0.0)
+    hours = check_number("hours_per_month", hours_per_month, low=0.0, high=24 * 31)
+    return hourly * gpus * hours + check_number("other_monthly_usd", other_monthly_usd, low=0.0)
 
 
 def break_even_tokens_per_month(monthly_cost: float, price: str | dict = DEFAULT_PRICE,
                                 input_share: float = DEFAULT_INPUT_SHARE) -> float:
     """Tokens per month above which a fixed monthly cost beats paying the API per token."""
-    cost = _check_number("monthly_cost", monthly_cost)
+    cost = check_number("monthly_cost", monthly_cost, low=0.0)
     per_million = blended_price(price, input_share)
     if per_million == 0:
         return math.inf  # a free API is never beaten
@@ -116,9 +102,9 @@ def break_even_tokens_per_month(monthly_cost: float, price: str | dict = DEFAULT
 
 def price_after_years(price_per_million: float, years: float, yearly_decline: float = 0.5) -> float:
     """A price that falls by `yearly_decline` (0.5 = halves) every year, `years` from now."""
-    price = _check_number("price_per_million", price_per_million)
-    years = _check_number("years", years)
-    decline = _check_number("yearly_decline", yearly_decline, 0.0, 1.0)
+    price = check_number("price_per_million", price_per_million, low=0.0)
+    years = check_number("years", years, low=0.0)
+    decline = check_number("yearly_decline", yearly_decline, low=0.0, high=1.0)
     if decline == 1.0:
         raise ValueError("yearly_decline must be < 1 (a price that falls 100% a year is free after a year)")
     return price * (1 - decline) ** years

@@ -29,15 +29,11 @@ from utils.attention import (
     merge_heads,
     scaled_dot_product_attention,
 )
+from utils.checks import check_positive_int
 from utils.positions import apply_rope, rope_frequencies
 
 
-def _positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def _check_input_ids(input_ids, vocab_size: int, block_size: int, past: int) -> None:
+def check_input_ids(input_ids, vocab_size: int, block_size: int, past: int) -> None:
     """Shared checks of forward(): shape (B, T), integer ids in range, fits in the context."""
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
@@ -64,6 +60,8 @@ def _check_input_ids(input_ids, vocab_size: int, block_size: int, past: int) -> 
 
 @dataclass
 class GPTConfig:
+    """The shape of a GPT (nanoGPT's names). Shown in lesson 04."""
+
     vocab_size: int = 50304
     block_size: int = 256    # context length: the longest sequence the model accepts
     n_layer: int = 6
@@ -76,7 +74,7 @@ class GPTConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            _positive_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
                              f"each head gets n_embd // n_head channels")
@@ -87,7 +85,7 @@ class GPTConfig:
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: widen 4x, GELU, project back."""
+    """Position-wise feed-forward: widen 4x, GELU, project back. Shown in lesson 04."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -102,7 +100,7 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """One transformer block: attention (tokens talk) then MLP (each token thinks), each with a
-    residual connection. pre-LN: x + f(LN(x)); post-LN (original transformer): LN(x + f(x))."""
+    residual connection. pre-LN: x + f(LN(x)); post-LN (original transformer): LN(x + f(x)). Shown in lesson 04."""
 
     def __init__(self, config: GPTConfig, layer_idx: int = 0):
         super().__init__()
@@ -125,6 +123,9 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """GPT-2 as nanoGPT writes it: token + learned position embeddings, n_layer pre-LN blocks, a final
+    LayerNorm and an output layer tied to the token embeddings. Shown in lesson 04."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         if not isinstance(config, GPTConfig):
@@ -168,7 +169,7 @@ class GPT(nn.Module):
         if kv_cache is not None and kv_cache.n_layers != self.config.n_layer:
             raise ValueError(f"kv_cache has {kv_cache.n_layers} layers, the model has "
                              f"{self.config.n_layer}: make it with KVCache(config.n_layer)")
-        _check_input_ids(input_ids, self.config.vocab_size, self.config.block_size, past)
+        check_input_ids(input_ids, self.config.vocab_size, self.config.block_size, past)
         B, T = input_ids.shape
         pos = torch.arange(past, past + T, device=input_ids.device)  # (T,)
         x = self.transformer.wte(input_ids) + self.transformer.wpe(pos)  # (B, T, C)
@@ -181,7 +182,7 @@ class GPT(nn.Module):
 
 
 def count_gpt_parameters(config: GPTConfig) -> int:
-    """GPT's parameter count from its config alone: 12·C² per block plus small terms."""
+    """GPT's parameter count from its config alone: 12·C² per block plus small terms. Shown in lesson 04."""
     C, V, L = config.n_embd, config.vocab_size, config.n_layer
     per_block = 12 * C * C                      # q,k,v (3C²) + attention out (C²) + MLP (4C² + 4C²)
     per_block += (9 * C + 4 * C) if config.bias else 2 * C  # Linear biases (9C) + 2 LayerNorms
@@ -211,13 +212,13 @@ class LlamaConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "n_hidden"):
-            _positive_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         if self.head_dim is None:
             if self.n_embd % self.n_head != 0:
                 raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}) "
                                  f"unless head_dim is given")
             self.head_dim = self.n_embd // self.n_head
-        _positive_int("head_dim", self.head_dim)
+        check_positive_int("head_dim", self.head_dim)
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE (dims rotate in pairs), got {self.head_dim}")
         if self.n_head % self.n_kv_head != 0:
@@ -246,7 +247,10 @@ class LlamaConfig:
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight: LayerNorm without the mean subtraction and the bias."""
+    """x / sqrt(mean(x^2) + eps) * weight: LayerNorm without the mean subtraction and the bias.
+
+    Shown in lesson 04.
+    """
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -260,7 +264,10 @@ class RMSNorm(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)): a gated MLP; the gate decides, per channel, how much passes."""
+    """down(silu(gate(x)) * up(x)): a gated MLP; the gate decides, per channel, how much passes.
+
+    Shown in lesson 04.
+    """
 
     def __init__(self, n_embd: int, n_hidden: int):
         super().__init__()
@@ -277,6 +284,8 @@ class GroupedQueryAttention(nn.Module):
 
     Only the n_kv_head key/value heads are computed and cached (the KV cache is n_head/n_kv_head
     times smaller); each is repeated for its group of query heads just before attending.
+
+    Shown in lesson 04.
     """
 
     def __init__(self, config: LlamaConfig, layer_idx: int = 0):
@@ -305,6 +314,9 @@ class GroupedQueryAttention(nn.Module):
 
 
 class LlamaBlock(nn.Module):
+    """One Llama layer: RMSNorm -> grouped-query attention with RoPE -> residual, RMSNorm -> SwiGLU ->
+    residual. Shown in lesson 04."""
+
     def __init__(self, config: LlamaConfig, layer_idx: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps)
@@ -318,6 +330,9 @@ class LlamaBlock(nn.Module):
 
 
 class Llama(nn.Module):
+    """A Llama-architecture decoder (SmolLM2's): embeddings, n_layer LlamaBlocks, RMSNorm, output layer.
+    `Llama.from_hf(hf_model)` copies a transformers model's weights into it. Shown in lesson 04."""
+
     def __init__(self, config: LlamaConfig):
         super().__init__()
         if not isinstance(config, LlamaConfig):
@@ -342,7 +357,7 @@ class Llama(nn.Module):
         if kv_cache is not None and kv_cache.n_layers != self.config.n_layer:
             raise ValueError(f"kv_cache has {kv_cache.n_layers} layers, the model has "
                              f"{self.config.n_layer}: make it with KVCache(config.n_layer)")
-        _check_input_ids(input_ids, self.config.vocab_size, self.config.block_size, past)
+        check_input_ids(input_ids, self.config.vocab_size, self.config.block_size, past)
         T = input_ids.shape[1]
         cos, sin = rope_frequencies(self.config.head_dim, T, self.config.rope_base, start=past)
         cos, sin = cos.to(input_ids.device), sin.to(input_ids.device)  # (T, head_dim) each
@@ -389,7 +404,7 @@ class Llama(nn.Module):
 
 
 def count_llama_parameters(config: LlamaConfig) -> int:
-    """Llama's parameter count from its config alone (SmolLM2-135M: 134,515,008)."""
+    """Llama's parameter count from its config alone (SmolLM2-135M: 134,515,008). Shown in lesson 04."""
     C, V, d = config.n_embd, config.vocab_size, config.head_dim
     attention = C * config.n_head * d * 2 + C * config.n_kv_head * d * 2  # q and o; k and v (GQA)
     mlp = 3 * C * config.n_hidden  # gate, up, down

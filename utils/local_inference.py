@@ -10,9 +10,9 @@ Three ideas, each small enough to check by hand:
   `gguf_tensor_summary` reads the real file with the `gguf` package.
 * **Dynamic int8 quantisation** (PyTorch): nn.Linear weights stored as int8 with a scale; the
   activations are quantised on the fly ("dynamic") at each call. `Int8Linear` is the idea from
-  scratch (per-token or per-tensor activation scales); `quantize_int8_dynamic` applies it, or
-  torch's own int8 kernels (fast), and `model_size_bytes`, `generation_speed` and `perplexity`
-  measure what changed.
+  scratch (per-token or per-tensor activation scales); `quantize_int8_dynamic` applies it (with
+  `utils.model_surgery.replace_linear`), or torch's own int8 kernels (fast); `generation_speed` and
+  `model_perplexity` (with `utils.model_surgery.weight_bytes`) measure what changed.
 * **Memory bandwidth bounds generation speed**: every new token reads every weight once, so
   tokens/s <= bandwidth / bytes of weights. `bandwidth_bound_tokens_per_s` is that arithmetic;
   `measure_memory_bandwidth` measures this machine's.
@@ -29,6 +29,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils.checks import check_choice, check_int, check_number, check_positive_int
+from utils.model_surgery import find_linear, replace_linear
+
 # ----------------------------------------------------------------------------------------------
 # Q4_1 blocks, from scratch
 
@@ -40,7 +43,7 @@ def dequantize_q4_1(raw) -> np.ndarray:
     """Q4_1 bytes -> float32 weights. raw: uint8 array of n_blocks * 20 bytes -> (n_blocks * 32,).
 
     Block layout (ggml's block_q4_1): d (fp16), m (fp16), then 16 bytes whose LOW nibbles are
-    weights 0..15 and whose HIGH nibbles are weights 16..31.
+    weights 0..15 and whose HIGH nibbles are weights 16..31. Shown in lesson 11.
     """
     raw = np.asarray(raw)
     if raw.dtype != np.uint8:
@@ -60,6 +63,7 @@ def quantize_q4_1(weights) -> np.ndarray:
     """float weights (a multiple of 32 of them) -> Q4_1 bytes, as llama.cpp's reference does.
 
     Per block: m = min(w), d = (max(w) - m) / 15, q = round((w - m) / d) clipped to 0..15.
+    Example: 32 weights 0, 1, ..., 31 -> d = 31 / 15, m = 0: 20 bytes that decode to 0, 2.07, 4.13, ...
     """
     w = np.asarray(weights, dtype=np.float32).reshape(-1)
     if w.size == 0 or w.size % Q4_1_BLOCK:
@@ -128,6 +132,7 @@ def quantize_int8_symmetric(x: torch.Tensor, dim: int = -1) -> tuple[torch.Tenso
     """x -> (int8 values, float scale) with x ~= values * scale, one scale per slice along `dim`.
 
     Symmetric: scale = max|x| / 127, so 0 maps to 0 exactly and values lie in -127..127.
+    Example: [[-2.0, 0.0, 1.0, 2.0]] -> ([[-127, 0, 64, 127]], [[2 / 127]]).
     """
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
@@ -149,8 +154,7 @@ class Int8Linear(nn.Module):
         super().__init__()
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"Int8Linear wraps an nn.Linear, got {type(linear).__name__}")
-        if activations not in ("token", "tensor"):
-            raise ValueError(f"activations must be 'token' or 'tensor', got {activations!r}")
+        check_choice("activations", activations, ("token", "tensor"))
         w_q, w_scale = quantize_int8_symmetric(linear.weight.detach(), dim=1)  # (out, in), (out, 1)
         self.register_buffer("w_q", w_q)
         self.register_buffer("w_scale", w_scale.squeeze(1))                  # (out,)
@@ -183,13 +187,9 @@ def quantize_int8_dynamic(model: nn.Module, inplace: bool = False, backend: str 
     in float, so it shows the numerics, not the speed). skip: module names kept in float (the
     output layer, tied to the embedding table, by default).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
-    if backend not in ("torch", "scratch"):
-        raise ValueError(f"backend must be 'torch' or 'scratch', got {backend!r}")
-    skip = {skip} if isinstance(skip, str) else set(skip or ())
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] not in skip
-             and n not in skip]
+    check_choice("backend", backend, ("torch", "scratch"))
+    check_choice("activations", activations, ("token", "tensor"))
+    names = find_linear(model, skip)  # TypeError if model is not an nn.Module
     if not inplace:
         import copy
 
@@ -206,31 +206,7 @@ def quantize_int8_dynamic(model: nn.Module, inplace: bool = False, backend: str 
             warnings.simplefilter("ignore")
             return quantize_dynamic(model, {n: default_dynamic_qconfig for n in names}, dtype=torch.qint8,
                                     inplace=True)
-    for name in names:
-        parent, _, child = name.rpartition(".")
-        holder = model.get_submodule(parent) if parent else model
-        setattr(holder, child, Int8Linear(getattr(holder, child), activations=activations))
-    return model
-
-
-def model_size_bytes(model: nn.Module) -> int:
-    """Bytes of a model's weights: parameters and buffers (a tied weight counted once), plus the
-    packed int8 weights that torch's quantised Linear layers keep outside `parameters()`."""
-    seen, total = set(), 0
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        key = (tensor.data_ptr(), tensor.numel())
-        if key not in seen:
-            seen.add(key)
-            total += tensor.numel() * tensor.element_size()
-    for module in model.modules():
-        packed = getattr(module, "_packed_params", None)
-        if packed is not None and hasattr(module, "weight") and callable(module.weight):
-            weight = module.weight()                       # a quantised tensor: int8 values
-            total += weight.numel() * weight.element_size()
-            bias = module.bias() if callable(getattr(module, "bias", None)) else None
-            if bias is not None:
-                total += bias.numel() * bias.element_size()
-    return total
+    return replace_linear(model, names, lambda linear: Int8Linear(linear, activations=activations))
 
 
 @torch.no_grad()
@@ -241,10 +217,9 @@ def generation_speed(model, input_ids: torch.Tensor, new_tokens: int = 32, warmu
     The fastest of `repeats` timed runs: other programs can only slow a run down, never speed it
     up, so the best run is the least disturbed estimate (as `timeit` recommends).
     """
-    if not isinstance(new_tokens, int) or new_tokens < 1:
-        raise ValueError(f"new_tokens must be a positive int, got {new_tokens!r}")
-    if not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    check_positive_int("new_tokens", new_tokens)
+    check_positive_int("warmup", warmup)
+    check_positive_int("repeats", repeats)
     kwargs = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(input_ids))
     model.generate(input_ids, max_new_tokens=warmup, min_new_tokens=warmup, **kwargs)
     best = float("inf")
@@ -256,17 +231,18 @@ def generation_speed(model, input_ids: torch.Tensor, new_tokens: int = 32, warmu
 
 
 @torch.no_grad()
-def perplexity(model, token_ids, window: int = 256) -> float:
-    """exp(mean next-token loss) of a causal LM over non-overlapping windows of `token_ids`.
+def model_perplexity(model, token_ids, window: int = 256) -> float:
+    """Perplexity of a causal LM on a text: exp(mean next-token loss) over non-overlapping windows of
+    `token_ids` (lesson 05's `perplexity_from_loss`, applied to this model's loss on these ids).
 
     token_ids: 1-D ids of held-out text. Every window predicts its tokens 2..window from the ones
     before them inside the window (so the first tokens of each window see little context).
+    Example: a model whose logits are always equal over 50 tokens -> 50.0 (a uniform guess).
     """
     ids = torch.as_tensor(token_ids).reshape(-1)
     if ids.numel() < 2:
         raise ValueError("token_ids needs at least 2 tokens")
-    if not isinstance(window, int) or window < 2:
-        raise ValueError(f"window must be an int >= 2, got {window!r}")
+    check_int("window", window, low=2)
     total_loss, total_count = 0.0, 0
     for start in range(0, ids.numel() - 1, window):
         chunk = ids[start:start + window].unsqueeze(0)                # (1, <=window)
@@ -289,13 +265,11 @@ def bandwidth_bound_tokens_per_s(n_params: float, bits_per_weight: float, bandwi
 
     tokens/s <= bandwidth (bytes/s) / model bytes, with model bytes = n_params * bits_per_weight / 8.
     (Ignores the KV cache reads and compute, which only make it slower.)
+    Example: 7e9 weights at 4 bits (3.5 GB) and 100 GB/s -> 28.6 tokens/s at most.
     """
     for name, value in (("n_params", n_params), ("bits_per_weight", bits_per_weight),
                         ("bandwidth_gb_s", bandwidth_gb_s)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-        if not np.isfinite(value) or value <= 0:
-            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        check_number(name, value, low=0, low_open=True)
     model_bytes = n_params * bits_per_weight / 8
     return bandwidth_gb_s * 1e9 / model_bytes
 
@@ -303,8 +277,8 @@ def bandwidth_bound_tokens_per_s(n_params: float, bits_per_weight: float, bandwi
 def measure_memory_bandwidth(megabytes: int = 128, repeats: int = 5) -> float:
     """This machine's memory bandwidth in GB/s: the best of `repeats` copies of a large array
     (a copy reads and writes every byte, so 2 x size moves per copy)."""
-    if not isinstance(megabytes, int) or megabytes < 16:
-        raise ValueError(f"megabytes must be an int >= 16 (bigger than the CPU caches), got {megabytes!r}")
+    check_int("megabytes", megabytes, low=16, what=" (bigger than the CPU caches)")
+    check_positive_int("repeats", repeats)
     src = np.ones(megabytes * 2**20 // 8, dtype=np.float64)
     dst = np.empty_like(src)
     best = float("inf")

@@ -1,4 +1,4 @@
-"""LoRA from scratch: low-rank adapters on a frozen model, merged or saved as a small file.
+"""LoRA from scratch: low-rank adapters on a frozen model, merged or saved as a small file (lesson 08).
 
 LoRA (Hu et al., 2021) leaves a pretrained weight W (out x in) frozen and learns a low-rank update:
 
@@ -11,6 +11,7 @@ be merged into one matrix: no extra cost at inference.
 * `LoRALinear(base, r, alpha, dropout)`: wraps one nn.Linear (or a `QuantizedLinear`: QLoRA).
 * `add_lora(model, target_modules, r, alpha)`: wraps the named linear layers, freezes the rest.
 * `merge_lora(model)` / `remove_lora(model)`: fold the adapters into the weights / drop them.
+  All three swap layers with `utils.model_surgery.replace_linear`.
 * `save_lora` / `load_lora`: adapters as safetensors in the same layout as peft
   (`adapter_model.safetensors` + `adapter_config.json`), so peft can load them too.
 * `sft_batch` and `answer_loss`: supervised fine-tuning on (prompt, answer) pairs, with the loss
@@ -35,32 +36,28 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils.checks import check_number, check_positive_int, check_text_list
+from utils.model_surgery import is_linear, replace_linear
+
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def _check_lora_args(r, alpha, dropout) -> None:
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise ValueError(f"r (the LoRA rank) must be a positive int, got {r!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-        raise ValueError(f"alpha must be a positive number (the update is scaled by alpha / r), got {alpha!r}")
-    if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-
-
-def _is_linear(module) -> bool:
-    """nn.Linear, or anything that behaves like one (e.g. utils.quantization.QuantizedLinear)."""
-    return isinstance(module, nn.Linear) or (
-        hasattr(module, "in_features") and hasattr(module, "out_features") and hasattr(module, "dequantized_weight"))
+def check_lora_args(r, alpha, dropout) -> None:
+    """LoRA's hyper-parameters: r an int >= 1, alpha > 0 (the update is scaled by alpha / r), dropout in
+    [0, 1). Example: check_lora_args(8, 16, 0.05) passes; r=0 -> ValueError, r=2.5 -> TypeError."""
+    check_positive_int("r (the LoRA rank)", r)
+    check_number("alpha (the update is scaled by alpha / r)", alpha, low=0, low_open=True)
+    check_number("dropout", dropout, low=0, high=1, high_open=True)
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear layer plus a trainable low-rank update (alpha / r) * B A."""
+    """A frozen linear layer plus a trainable low-rank update (alpha / r) * B A. Shown in lesson 08."""
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
-        _check_lora_args(r, alpha, dropout)
-        if not _is_linear(base):
+        check_lora_args(r, alpha, dropout)
+        if not is_linear(base):
             raise TypeError(f"LoRALinear wraps a linear layer, got {type(base).__name__}")
         if isinstance(base, LoRALinear):
             raise TypeError("this layer already has a LoRA adapter")
@@ -89,7 +86,7 @@ class LoRALinear(nn.Module):
 
 def linear_module_names(model: nn.Module) -> list[str]:
     """The distinct last names of the model's linear layers (what `target_modules` can name)."""
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if name and _is_linear(m)})
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if name and is_linear(m)})
 
 
 def add_lora(model: nn.Module, target_modules, r: int, alpha: float, dropout: float = 0.0) -> nn.Module:
@@ -97,8 +94,9 @@ def add_lora(model: nn.Module, target_modules, r: int, alpha: float, dropout: fl
 
     All other parameters are frozen; only the adapters' A and B train. Changes `model` in place
     and returns it. target_modules: e.g. ["q_proj", "v_proj"] (last part of the module name).
+    Shown in lesson 08.
     """
-    _check_lora_args(r, alpha, dropout)
+    check_lora_args(r, alpha, dropout)
     if isinstance(target_modules, str):
         target_modules = [target_modules]
     targets = list(target_modules) if target_modules is not None else []
@@ -117,58 +115,50 @@ def add_lora(model: nn.Module, target_modules, r: int, alpha: float, dropout: fl
                          f"{linear_module_names(model)}")
     for hits in found.values():
         for name, module in hits:
-            if not _is_linear(module):
+            if not is_linear(module):
                 raise TypeError(f"{name} is a {type(module).__name__}, not a linear layer; LoRA here wraps "
                                 f"linear layers: {linear_module_names(model)}")
     for p in model.parameters():
         p.requires_grad_(False)
-    for hits in found.values():
-        for name, module in hits:
-            _replace(model, name, LoRALinear(module, r, alpha, dropout))
-    return model
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+    names = [name for hits in found.values() for name, _ in hits]
+    return replace_linear(model, names, lambda linear: LoRALinear(linear, r, alpha, dropout))
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """The model's adapters by module name, e.g. {"model.layers.0.self_attn.q_proj": LoRALinear(...)}."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its weight, W <- W + (alpha / r) B A, and unwrap it (in place).
 
-    A quantised base is de-quantised first: the merged layer is a plain float nn.Linear.
+    A quantised base is de-quantised first: the merged layer is a plain float nn.Linear. Shown in lesson 08.
     """
-    layers = lora_layers(model)
-    if not layers:
+    names = list(lora_layers(model))
+    if not names:
         raise ValueError("the model has no LoRA adapters to merge")
-    for name, layer in layers.items():
+
+    @torch.no_grad()
+    def merged(layer: LoRALinear) -> nn.Linear:
         base = layer.base
-        with torch.no_grad():
-            weight = base.dequantized_weight() if hasattr(base, "dequantized_weight") else base.weight
-            merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
-                               device=weight.device, dtype=weight.dtype)
-            merged.weight.copy_(weight + layer.delta_weight().to(weight.dtype))
-            if base.bias is not None:
-                merged.bias.copy_(base.bias)
-        merged.requires_grad_(False)
-        _replace(model, name, merged)
-    return model
+        weight = base.dequantized_weight() if hasattr(base, "dequantized_weight") else base.weight
+        linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                           device=weight.device, dtype=weight.dtype)
+        linear.weight.copy_(weight + layer.delta_weight().to(weight.dtype))
+        if base.bias is not None:
+            linear.bias.copy_(base.bias)
+        return linear.requires_grad_(False)
+
+    return replace_linear(model, names, merged)
 
 
 def remove_lora(model: nn.Module) -> nn.Module:
     """Drop the adapters and put the original layers back (in place)."""
-    for name, layer in lora_layers(model).items():
-        _replace(model, name, layer.base)
-    return model
+    return replace_linear(model, list(lora_layers(model)), lambda layer: layer.base)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; tied weights count once."""
+    """(trainable, total) parameter counts; tied weights count once. Example: nn.Linear(4, 2) -> (10, 10)."""
     params = {id(p): p for p in model.parameters()}.values()
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
@@ -248,8 +238,11 @@ def sft_batch(tokenizer, prompts, answers, device=None) -> dict[str, torch.Tenso
     labels is -100 (ignored by the loss) on the prompt and on padding: the model is trained to
     write the answer, not to repeat the question.
     """
-    if isinstance(prompts, str) or isinstance(answers, str) or len(prompts) != len(answers) or not prompts:
-        raise ValueError("prompts and answers must be non-empty lists of the same length")
+    check_text_list("prompts", prompts)
+    check_text_list("answers", answers)
+    if len(prompts) != len(answers):
+        raise ValueError(f"prompts and answers must have the same length, got {len(prompts)} and "
+                         f"{len(answers)}")
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     rows = []

@@ -194,17 +194,3 @@ def load_embedder(hub_id: str | None = None, device: str = "cpu"):
     folder = package_folder(EMBEDDER_PACKAGE, EMBEDDER_PACKAGE_PIP) / "model"
     verify_sha256(folder / EMBEDDER_WEIGHTS_FILE, EMBEDDER_SHA256)
     return SentenceTransformer(str(folder), device=device, local_files_only=True)
-
-
-def chat(model, tokenizer, user_message: str, system: str | None = None, max_new_tokens: int = 64) -> str:
-    """One greedy chat turn with a HF chat model: the reply text, without the prompt."""
-    if not isinstance(user_message, str) or not user_message.strip():
-        raise ValueError("user_message must be a non-empty string")
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": user_message}]
-    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True)
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()

@@ -20,14 +20,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def _check_positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+from utils.checks import check_positive_int
 
 
-def _check_even(name: str, value) -> None:
-    _check_positive_int(name, value)
+def check_even_dim(name: str, value) -> None:
+    """A positive even int: sin/cos and RoPE use dimensions in pairs. Example: check_even_dim("d", 64)."""
+    check_positive_int(name, value)
     if value % 2:
         raise ValueError(f"{name} must be even (dimensions are used in sin/cos pairs), got {value}")
 
@@ -37,8 +35,8 @@ class LearnedPositions(nn.Module):
 
     def __init__(self, max_len: int, d: int):
         super().__init__()
-        _check_positive_int("max_len", max_len)
-        _check_positive_int("d", d)
+        check_positive_int("max_len", max_len)
+        check_positive_int("d", d)
         self.table = nn.Embedding(max_len, d)
         nn.init.normal_(self.table.weight, std=0.02)  # GPT-2's initialisation
 
@@ -53,9 +51,11 @@ def sinusoidal_positions(T: int, d: int, base: float = 10000.0) -> torch.Tensor:
     """The fixed (T, d) encoding of "Attention is all you need".
 
     PE[t, 2i] = sin(t / base^(2i/d)),  PE[t, 2i+1] = cos(t / base^(2i/d)).
+
+    Shown in lesson 02.
     """
-    _check_positive_int("T", T)
-    _check_even("d", d)
+    check_positive_int("T", T)
+    check_even_dim("d", d)
     inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float64) / d))  # (d/2,)
     angles = torch.arange(T, dtype=torch.float64)[:, None] * inv_freq[None, :]    # (T, d/2)
     pe = torch.empty(T, d, dtype=torch.float64)
@@ -70,9 +70,11 @@ def rope_frequencies(head_dim: int, T: int, base: float = 10000.0, start: int = 
     Computed as transformers' LlamaRotaryEmbedding does (float32, frequencies repeated for the two
     halves), so results match the HF model bit for bit. `start` > 0 serves a KV cache, where new
     tokens sit after the cached ones.
+
+    Shown in lesson 02.
     """
-    _check_even("head_dim", head_dim)
-    _check_positive_int("T", T)
+    check_even_dim("head_dim", head_dim)
+    check_positive_int("T", T)
     if not isinstance(start, int) or isinstance(start, bool) or start < 0:
         raise ValueError(f"start must be a non-negative int, got {start!r}")
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))  # (hd/2,)
@@ -83,7 +85,10 @@ def rope_frequencies(head_dim: int, T: int, base: float = 10000.0, start: int = 
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(x1, x2) -> (-x2, x1) on the two halves of the last dimension: a 90-degree turn per pair."""
+    """(x1, x2) -> (-x2, x1) on the two halves of the last dimension: a 90-degree turn per pair.
+
+    Shown in lesson 02.
+    """
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
@@ -93,6 +98,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
     cos, sin: (T, head_dim) from rope_frequencies, or (B, T, head_dim) for per-sequence positions.
     Each pair (x[i], x[i + hd/2]) is rotated by the angle of its frequency times the position.
+
+    Shown in lesson 02.
     """
     if x.dim() != 4:
         raise ValueError(f"x must be (B, H, T, head_dim), got shape {tuple(x.shape)}")

@@ -1,4 +1,4 @@
-"""Blockwise quantisation from scratch: 8-bit and 4-bit (NF4) weights, and a linear layer that uses them.
+"""Blockwise 8-bit and 4-bit (NF4) quantisation from scratch, and a linear layer that uses it (lesson 08).
 
 A weight matrix is cut into blocks of `block_size` numbers. Each block is divided by its largest
 absolute value (absmax), so it lies in [-1, 1]; every number is then replaced by the index of the
@@ -11,7 +11,8 @@ block, not the whole matrix.
 * `quantize_blockwise(w, code="nf4"|"int4"|"int8")` -> `QuantizedTensor`; `dequantize_blockwise(q)`.
 * `QuantizedLinear`: a frozen linear layer that stores 4- or 8-bit weights and de-quantises them on
   the fly in forward *and* in backward (saving only the small quantised form for backward).
-* `quantize_model(model)`: swap a model's nn.Linear layers for QuantizedLinear (the base of QLoRA).
+* `quantize_model(model)`: swap a model's nn.Linear layers for QuantizedLinear (the base of QLoRA),
+  with `utils.model_surgery.replace_linear`; `weight_bytes_by_kind(model)` says what that saved.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from utils.checks import check_choice, check_int
+from utils.model_surgery import find_linear, replace_linear, weight_bytes
 
 
 def nf4_code() -> torch.Tensor:
@@ -39,12 +43,23 @@ def nf4_code() -> torch.Tensor:
 
 
 def linear_code(bits: int) -> torch.Tensor:
-    """Evenly spaced symmetric levels k / (2^(bits-1) - 1), k = -(2^(bits-1) - 1) .. 2^(bits-1) - 1."""
+    """Evenly spaced symmetric levels k / (2^(bits-1) - 1), k = -(2^(bits-1) - 1) .. 2^(bits-1) - 1.
+
+    Example: linear_code(2) -> [-1.0, 0.0, 1.0].
+    """
+    check_int("bits", bits, low=2)
     top = 2 ** (bits - 1) - 1  # int8: 127, int4: 7 (one of the 2^bits codes stays unused)
     return torch.arange(-top, top + 1, dtype=torch.float32) / top
 
 
 CODES = {"nf4": (4, nf4_code), "int4": (4, lambda: linear_code(4)), "int8": (8, lambda: linear_code(8))}
+
+
+def _check_code_and_block_size(code, block_size) -> None:
+    check_choice("code", code, sorted(CODES))
+    check_int("block_size", block_size, low=2, what=" (an even number of weights per block)")
+    if block_size % 2:  # 4-bit codes are packed two per byte: a block must not end in half a byte
+        raise ValueError(f"block_size must be an even int >= 2, got {block_size!r}")
 
 
 @dataclass
@@ -63,12 +78,9 @@ class QuantizedTensor:
 
 def quantize_blockwise(w: torch.Tensor, code: str = "nf4", block_size: int = 64) -> QuantizedTensor:
     """Quantise `w` in blocks of `block_size` numbers with the code book `code` ("nf4", "int4", "int8")."""
-    if code not in CODES:
-        raise ValueError(f"code must be one of {sorted(CODES)}, got {code!r}")
-    if not isinstance(block_size, int) or block_size < 2 or block_size % 2:
-        raise ValueError(f"block_size must be an even int >= 2, got {block_size!r}")
-    if not torch.is_floating_point(w):
-        raise TypeError(f"w must be a floating-point tensor, got {w.dtype}")
+    _check_code_and_block_size(code, block_size)
+    if not isinstance(w, torch.Tensor) or not torch.is_floating_point(w):
+        raise TypeError(f"w must be a floating-point tensor, got {getattr(w, 'dtype', type(w).__name__)}")
     if w.numel() % block_size:
         raise ValueError(f"w has {w.numel()} numbers, not a multiple of block_size={block_size}")
     bits, make_code = CODES[code]
@@ -168,18 +180,12 @@ def quantize_model(model: nn.Module, code: str = "nf4", block_size: int = 64, sk
     embedding, which stays in float32. The parameters that stay in float are copied into ordinary
     memory (see the comment below), so the float weights really leave memory.
     """
-    if code not in CODES:
-        raise ValueError(f"code must be one of {sorted(CODES)}, got {code!r}")
-    if not isinstance(block_size, int) or block_size < 2 or block_size % 2:
-        raise ValueError(f"block_size must be an even int >= 2, got {block_size!r}")
-    names = [name for name, m in model.named_modules()
-             if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] not in skip]
+    _check_code_and_block_size(code, block_size)
+    names = find_linear(model, skip)
     if not names:
         raise ValueError("the model has no nn.Linear layer to quantise (all skipped or none present)")
-    for name in names:  # one layer at a time: its float weight is freed before the next is quantised
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantizedLinear(getattr(parent, child), code, block_size))
+    # one layer at a time: its float weight is freed before the next is quantised
+    replace_linear(model, names, lambda linear: QuantizedLinear(linear, code, block_size))
     # The float tensors that stay (embedding, norms) may be views of a memory-mapped file (transformers
     # maps safetensors lazily): while one view lives, every page of the file read so far stays resident,
     # the replaced float weights included. A copy in ordinary memory lets the whole mapping go.
@@ -189,15 +195,15 @@ def quantize_model(model: nn.Module, code: str = "nf4", block_size: int = 64, sk
     return model
 
 
-def weight_bytes(model: nn.Module) -> dict[str, int]:
-    """Bytes of the model's stored tensors (parameters and buffers), split by kind."""
-    seen, out = set(), {"quantized linear": 0, "float parameters": 0}
-    for module in model.modules():
-        if isinstance(module, QuantizedLinear):
-            out["quantized linear"] += module.quantized().nbytes()
-            seen.update(id(t) for t in (module.codes, module.absmax, module.code))
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) not in seen and t.is_floating_point():
-            seen.add(id(t))  # tied weights (embedding = lm_head) count once
-            out["float parameters"] += t.numel() * t.element_size()
-    return out
+def weight_bytes_by_kind(model: nn.Module) -> dict[str, int]:
+    """Bytes of the model's stored tensors, split into its QuantizedLinear layers and everything else
+    (in a quantised SmolLM2: the float32 embedding and norms). Both parts come from
+    `utils.model_surgery.weight_bytes`, so a tied weight counts once.
+
+    Example: quantize_model(nn.Sequential(nn.Linear(64, 2, bias=False), nn.LayerNorm(2))) ->
+    {"quantized linear": 64 + 8 + 64, "float parameters": 16} (4-bit codes, two block scales and the
+    16-value code book; the norm's weight and bias).
+    """
+    quantized = nn.ModuleList(m for m in model.modules() if isinstance(m, QuantizedLinear))
+    linear = weight_bytes(quantized)
+    return {"quantized linear": linear, "float parameters": weight_bytes(model) - linear}

@@ -28,7 +28,7 @@ import torch
 # --------------------------------------------------------------------------------------------
 
 
-def _check_logits(logits) -> None:
+def check_logits(logits) -> None:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor of shape (batch, vocab), got {type(logits).__name__}")
     if logits.dim() != 2 or logits.shape[-1] < 1:
@@ -74,6 +74,8 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     top-k keeps the k largest logits (ties with the k-th are kept too). top-p keeps the smallest
     set of most likely tokens whose probabilities add up to at least top_p; the most likely token
     is always kept, so a tiny top_p is greedy.
+
+    Shown in lesson 06.
     """
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1): the k-th largest
@@ -95,12 +97,16 @@ def next_token_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int 
     temperature divides the logits before the softmax: < 1 sharpens the distribution, > 1
     flattens it; 0 is the limit, all mass on the argmax (greedy).
     """
-    _check_logits(logits)
+    check_logits(logits)
     check_sampling_args(temperature, top_k, top_p)
     logits = logits.float()
     if temperature == 0:
         return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    return torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
+    # Subtract the max first, in float64: dividing by a tiny temperature (1e-40) then gives -inf for
+    # every other token and 0 for the best one (greedy in the limit), never inf - inf = NaN.
+    logits = logits.double()
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
+    return torch.softmax(filter_logits(logits, top_k, top_p), dim=-1).float()
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -109,8 +115,10 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
 
     temperature=0 is greedy (argmax, no randomness). Otherwise a draw from next_token_probs;
     pass a seeded torch.Generator to make the draw reproducible.
+
+    Shown in lesson 06.
     """
-    _check_logits(logits)
+    check_logits(logits)
     check_sampling_args(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)  # (B,)
@@ -123,6 +131,8 @@ def apply_repetition_penalty(logits: torch.Tensor, token_ids: torch.Tensor, pena
 
     A positive logit is divided by the penalty, a negative one multiplied, so that either way the
     token becomes less likely for penalty > 1 (how often it occurred does not matter).
+
+    Shown in lesson 06.
     """
     check_sampling_args(repetition_penalty=penalty)
     if penalty == 1.0:
@@ -152,11 +162,13 @@ def max_positions(model) -> int:
                     "block_size or max_position_embeddings")
 
 
-class _NextLogits:
+class NextTokenLogits:
     """Callable: all token ids so far (B, T) -> logits of the next token (B, V).
 
     With use_cache it feeds the model only the tokens it has not seen yet and keeps their keys and
     values; without it, it re-reads the whole sequence every time.
+
+    Shown in lesson 06.
     """
 
     def __init__(self, model, use_cache: bool, window: int):
@@ -195,7 +207,10 @@ def stream_tokens(model, input_ids: torch.Tensor, max_new_tokens: int, temperatu
                   top_k: int | None = None, top_p: float | None = None, eos_token_id=None,
                   use_cache: bool = True, generator: torch.Generator | None = None,
                   repetition_penalty: float = 1.0, sliding_window: bool = False, pad_token_id=None):
-    """generate() as a Python generator: yields the next token ids (B,) one step at a time."""
+    """generate() as a Python generator: yields the next token ids (B,) one step at a time.
+
+    Shown in lesson 06.
+    """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError("input_ids must be a (batch, time) tensor of token ids")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -214,7 +229,7 @@ def stream_tokens(model, input_ids: torch.Tensor, max_new_tokens: int, temperatu
     stop_ids = torch.tensor(sorted(stop), dtype=torch.long, device=input_ids.device)
     pad = pad_token_id if pad_token_id is not None else (min(stop) if stop else 0)
 
-    next_logits = _NextLogits(model, use_cache, window)
+    next_logits = NextTokenLogits(model, use_cache, window)
     ids = input_ids
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     for _ in range(max_new_tokens):

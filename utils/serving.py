@@ -1,4 +1,4 @@
-"""An OpenAI-compatible chat API for the course's model, served on this machine only.
+"""An OpenAI-compatible chat API for the course's model, served on this machine only (lesson 11).
 
 Most LLM applications talk to a model through one HTTP interface: OpenAI's *chat completions*
 (`POST /v1/chat/completions`). Hosted providers and local servers (vLLM, llama.cpp, Ollama, TGI)
@@ -13,10 +13,11 @@ This module is a small, readable server that follows that schema for SmolLM2:
   `max_tokens < 1`, `temperature` outside [0, 2], a prompt longer than the context window),
   404 for an unknown model or route, 422 for a body of the wrong shape (missing fields, wrong types,
   not JSON).
+* `stream_text(...)`: the generation behind plain and streamed answers: lesson 06's decoding loop
+  (`utils.sampling.stream_tokens`), turned into text pieces that stop at a stop string.
 * `start_server()` runs it in a child process bound to 127.0.0.1 (loopback only: other machines
   cannot reach it), waits until `/health` answers, and returns a handle whose `stop()` ends it.
-  Servers are also stopped when Python exits (atexit), and the child exits on its own if its
-  parent dies, so a crashed notebook does not leave a model in memory.
+  That plumbing (processes, ports, clean-up) lives in `utils.server_process`.
 
 Run it by hand with `python -m utils.serving --port 8000` and call it with the `openai` client:
 `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")`.
@@ -25,27 +26,28 @@ Run it by hand with `python -m utils.serving --port 8000` and call it with the `
 from __future__ import annotations
 
 import argparse
-import atexit
-import ipaddress
 import json
-import os
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 import uuid
-from pathlib import Path
+from contextlib import nullcontext
 from typing import Annotated, Iterator
 
 import torch
 from pydantic import BaseModel, ConfigDict, Strict
 
+from utils.sampling import stream_tokens
+from utils.server_process import (  # noqa: F401  (start_server, ChatServer, stop_all_servers: re-exported)
+    ChatServer,
+    check_loopback,
+    exit_when_parent_dies,
+    start_server,
+    stop_all_servers,
+)
+
 MODEL_ID = "SmolLM2-135M-Instruct"  # the name clients pass as `model`
 ROLES = ("system", "developer", "user", "assistant")
 MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,40 +76,9 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
 # Generation, one token at a time (so that it can be streamed)
 
 
-def generate_tokens(model, input_ids: torch.Tensor, max_tokens: int, temperature: float = 0.0,
-                    top_p: float | None = None, eos_token_ids: set[int] = frozenset(),
-                    generator: torch.Generator | None = None, step_lock=None) -> Iterator[int]:
-    """Yield new token ids one by one: a KV-cached decoding loop (batch of one).
-
-    input_ids: (1, T) prompt. Stops after max_tokens or at an end-of-sequence token (not yielded).
-    step_lock: held around each forward pass, so that concurrent requests take turns on the CPU.
-    """
-    from contextlib import nullcontext
-
-    if temperature > 0:
-        from utils.sampling import sample_next_token  # lesson 06's sampler (temperature, top-p)
-    lock = step_lock or nullcontext()
-    past, ids = None, input_ids
-    for _ in range(max_tokens):
-        with lock, torch.inference_mode():  # per step: a generator may resume on another thread
-            out = model(input_ids=ids, past_key_values=past, use_cache=True)
-            past, logits = out.past_key_values, out.logits[:, -1, :]  # logits: (1, vocab)
-            if temperature == 0:
-                next_id = logits.argmax(dim=-1)  # greedy
-            else:
-                next_id = sample_next_token(logits, temperature=temperature, top_p=top_p,
-                                            generator=generator)
-        token = int(next_id[0])
-        if token in eos_token_ids:
-            return
-        yield token
-        # with the cache, only the new token goes through the model next time
-        ids = next_id.view(1, 1)
-
-
-def _held_back(text: str, stops: list[str]) -> int:
-    """How many trailing characters to hold back: an incomplete UTF-8 character, or the start of a
-    stop sequence that the next tokens might complete."""
+def held_back_chars(text: str, stops: list[str]) -> int:
+    """How many trailing characters not to send yet: an incomplete UTF-8 character, or the start of a
+    stop sequence that the next tokens might complete. Example: ("Hello wor", ["world"]) -> 3."""
     if text.endswith("\ufffd"):
         return 1
     for n in range(min(len(text), max((len(s) for s in stops), default=1) - 1), 0, -1):
@@ -120,25 +91,33 @@ def stream_text(model, tokenizer, input_ids, max_tokens, temperature=0.0, top_p=
                 seed=None, step_lock=None) -> Iterator[tuple[str, str | None, int]]:
     """Yield (text piece, finish_reason or None, completion tokens so far) as tokens arrive.
 
-    finish_reason is "stop" (end-of-sequence token or a stop string) or "length" (max_tokens).
+    The tokens come from lesson 06's KV-cached decoding loop, `stream_tokens` (batch of one, (1, T)
+    prompt). finish_reason is "stop" (end-of-sequence token or a stop string) or "length"
+    (max_tokens). step_lock: held around each step, so that concurrent requests take turns on the
+    CPU. Shown in lesson 11.
     """
     stops = [s for s in stop if s]
-    generator = None
-    if seed is not None:
-        generator = torch.Generator().manual_seed(seed)
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    eos = {tokenizer.eos_token_id} | set(eos if isinstance(eos, (list, tuple)) else [eos] if eos else [])
+    eos = {tokenizer.eos_token_id} | set(eos if isinstance(eos, (list, tuple)) else [eos])
+    eos = {int(t) for t in eos if t is not None}
+    steps = stream_tokens(model, input_ids, max_tokens, temperature, top_p=top_p, eos_token_id=eos or None,
+                          generator=generator)
+    lock = step_lock or nullcontext()
     tokens: list[int] = []
     sent = 0  # characters of the decoded text already sent
-    for token in generate_tokens(model, input_ids, max_tokens, temperature, top_p, eos, generator,
-                                 step_lock):
-        tokens.append(token)
+    while True:
+        with lock:  # one forward pass; the next step may run on another thread (FastAPI's pool)
+            next_ids = next(steps, None)  # (1,), or None once max_tokens are done
+        if next_ids is None or int(next_ids[0]) in eos:
+            break
+        tokens.append(int(next_ids[0]))
         text = tokenizer.decode(tokens, skip_special_tokens=True)  # decode all: merges byte pieces
         cut = min((text.find(s) for s in stops if s in text), default=-1)
         if cut >= 0:  # a stop string: send what precedes it, and finish
             yield text[sent:cut], "stop", len(tokens)
             return
-        safe = len(text) - _held_back(text, stops)
+        safe = len(text) - held_back_chars(text, stops)
         if safe > sent:
             yield text[sent:safe], None, len(tokens)
             sent = safe
@@ -234,7 +213,7 @@ def validate_request(req, model_ids: tuple[str, ...], max_context: int, default_
 
 
 def create_app(model, tokenizer, model_id: str = MODEL_ID, default_max_tokens: int = 256):
-    """A FastAPI app serving `model` with OpenAI's chat-completions schema."""
+    """A FastAPI app serving `model` (a transformers causal LM) with OpenAI's chat-completions schema."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -350,151 +329,7 @@ def create_app(model, tokenizer, model_id: str = MODEL_ID, default_max_tokens: i
 
 
 # ----------------------------------------------------------------------------------------------
-# Running it in a child process, on loopback only
-
-
-def check_loopback(host: str) -> str:
-    """Return host if it is a loopback address ('127.0.0.1', '::1', 'localhost'), else ValueError."""
-    if not isinstance(host, str):
-        raise TypeError(f"host must be a string such as '127.0.0.1', got {type(host).__name__}")
-    if host == "localhost":
-        return host
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        raise ValueError(f"host={host!r} would expose the model to other machines; this course server "
-                         "binds to loopback only: use '127.0.0.1' (or '::1', 'localhost').")
-    return host
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free right now (the OS picks it)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-_RUNNING: set["ChatServer"] = set()
-
-
-class ChatServer:
-    """Handle on a server child process: .base_url for the openai client, .stop() to end it."""
-
-    def __init__(self, process: subprocess.Popen, host: str, port: int, log_path: Path):
-        self.process, self.host, self.port, self.log_path = process, host, port, log_path
-        netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self.url = f"http://{netloc}"
-        self.base_url = self.url + "/v1"
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def running(self) -> bool:
-        return self.process.poll() is None
-
-    def log(self, last_lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-last_lines:])
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """End the server (SIGTERM, then SIGKILL after `timeout` s). Safe to call twice."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        _RUNNING.discard(self)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
-
-    def __repr__(self):
-        state = "running" if self.running() else f"stopped (exit code {self.process.returncode})"
-        return f"ChatServer({self.base_url}, pid {self.pid}, {state})"
-
-
-def stop_all_servers() -> int:
-    """Stop every server this Python process started; returns how many were running."""
-    servers = list(_RUNNING)
-    for server in servers:
-        server.stop()
-    return len(servers)
-
-
-atexit.register(stop_all_servers)
-
-
-def start_server(port: int | None = None, host: str = "127.0.0.1", timeout: float = 180.0,
-                 threads: int | None = None) -> ChatServer:
-    """Start `python -m utils.serving` as a child process and wait until /health answers.
-
-    port: None picks a free one. host: loopback only (ValueError otherwise). timeout: seconds to
-    wait for the model to load. If anything goes wrong while waiting, the child is stopped.
-    """
-    import httpx
-
-    check_loopback(host)
-    if port is None:
-        port = free_port(host)
-    if not isinstance(port, int) or isinstance(port, bool):
-        raise TypeError(f"port must be an int or None, got {type(port).__name__}")
-    if not 1 <= port <= 65535:
-        raise ValueError(f"port must be in 1..65535 (or None for a free one), got {port}")
-    if not (isinstance(timeout, (int, float)) and timeout > 0):
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-
-    log_fd, log_name = tempfile.mkstemp(prefix="llm-course-server-", suffix=".log")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(REPO_ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
-    command = [sys.executable, "-m", "utils.serving", "--host", host, "--port", str(port),
-               "--parent-pid", str(os.getpid())]
-    if threads is not None:
-        command += ["--threads", str(threads)]
-    with os.fdopen(log_fd, "wb") as log:  # the child keeps its own copy of the file descriptor
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   cwd=REPO_ROOT, env=env)
-    server = ChatServer(process, host, port, Path(log_name))
-    _RUNNING.add(server)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the server exited with code {process.returncode} before it was "
-                                   f"ready. Its log ({log_name}) ends with:\n{server.log()}")
-            try:
-                if httpx.get(server.url + "/health", timeout=2.0).status_code == 200:
-                    return server
-            except httpx.TransportError:
-                pass  # not listening yet
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the server did not answer /health within {timeout:g} s. Its log "
-                                   f"ends with:\n{server.log()}")
-            time.sleep(0.25)
-    except BaseException:  # also KeyboardInterrupt: never leave a half-started server behind
-        server.stop()
-        raise
-
-
-def _exit_when_parent_dies(parent_pid: int) -> None:
-    """In the child: a watchdog thread that ends the server once its parent process is gone."""
-    def watch():
-        while True:
-            if os.getppid() != parent_pid:  # re-parented: the notebook kernel died
-                os._exit(0)
-            time.sleep(1.0)
-
-    threading.Thread(target=watch, daemon=True, name="parent-watchdog").start()
+# Running it: `python -m utils.serving` (start_server() runs this in a child process)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -506,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     check_loopback(args.host)
     if args.parent_pid is not None:
-        _exit_when_parent_dies(args.parent_pid)
+        exit_when_parent_dies(args.parent_pid)
 
     import uvicorn
 

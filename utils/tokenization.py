@@ -52,7 +52,10 @@ _CACHE_LIMIT = 200_000  # encoded chunks kept in memory; cleared when full
 
 
 def merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
-    """Replace every non-overlapping occurrence of `pair` in `ids` (left to right) by `new_id`."""
+    """Replace every non-overlapping occurrence of `pair` in `ids` (left to right) by `new_id`.
+
+    Shown in lesson 01.
+    """
     a, b = pair
     out, i, n = [], 0, len(ids)
     while i < n:

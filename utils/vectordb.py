@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .checks import check_choice, check_positive_int
+
 INDEX_KINDS = ("flat", "ivf", "hnsw", "ivfpq")
 
 
@@ -30,7 +32,10 @@ def _faiss():
 
 
 def check_vectors(x, d: int | None = None, name: str = "vectors") -> np.ndarray:
-    """A C-contiguous float32 (n, d) array, or a ValueError saying what shape is allowed."""
+    """A C-contiguous float32 (n, d) array, or a ValueError saying what shape is allowed.
+
+    Example: check_vectors([0.6, 0.8]) -> array([[0.6, 0.8]], dtype=float32)  (one vector -> shape (1, 2))
+    """
     x = np.asarray(x)
     if x.ndim == 1:
         x = x[None, :]
@@ -44,14 +49,11 @@ def check_vectors(x, d: int | None = None, name: str = "vectors") -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def check_k(k) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive int (how many neighbours to return), got {k!r}")
-    return int(k)
-
-
 def normalize(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length, so that inner product = cosine similarity."""
+    """Rows scaled to unit length, so that inner product = cosine similarity.
+
+    Example: normalize([[3, 4]]) -> [[0.6, 0.8]]
+    """
     x = np.asarray(x, dtype=np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
@@ -66,6 +68,7 @@ def synthetic_topup(real: np.ndarray, n_total: int, noise: float = 0.5,
     covariance* (so it moves along the directions in which real embeddings actually vary, not
     into directions no sentence ever uses), scaled by `noise`, then re-normalised. The result keeps
     the real corpus's topics and clusters: every synthetic vector is a "paraphrase" of a real one.
+    Shown in lesson 10.
     """
     real = check_vectors(real, name="real vectors")
     if n_total < len(real):
@@ -88,10 +91,10 @@ def build_index(kind: str, xb: np.ndarray, *, nlist: int = 1024, m: int = 48, nb
     """(index, build seconds) for kind in INDEX_KINDS over the unit vectors xb (n, d).
 
     IVF kinds are trained on at most `train_size` vectors (k-means needs ~40 points per cell).
+    Shown in lesson 10.
     """
     faiss = _faiss()
-    if kind not in INDEX_KINDS:
-        raise ValueError(f"kind must be one of {INDEX_KINDS}, got {kind!r}")
+    check_choice("kind", kind, INDEX_KINDS)
     xb = check_vectors(xb, name="database vectors")
     d = xb.shape[1]
     start = time.perf_counter()
@@ -118,18 +121,20 @@ def build_index(kind: str, xb: np.ndarray, *, nlist: int = 1024, m: int = 48, nb
 
 
 def set_search_params(index, nprobe: int | None = None, ef_search: int | None = None) -> None:
-    """The query-time knobs: nprobe (IVF cells scanned) or efSearch (HNSW candidate list)."""
+    """The query-time knobs: nprobe (IVF cells scanned) or efSearch (HNSW candidate list).
+
+    Shown in lesson 10."""
     faiss = _faiss()
     inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
     if nprobe is not None:
-        faiss.extract_index_ivf(inner).nprobe = int(nprobe)
+        faiss.extract_index_ivf(inner).nprobe = check_positive_int("nprobe", nprobe)
     if ef_search is not None:
-        faiss.downcast_index(inner).hnsw.efSearch = int(ef_search)
+        faiss.downcast_index(inner).hnsw.efSearch = check_positive_int("ef_search", ef_search)
 
 
 def search(index, xq, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, ids), each (n_queries, k), after checking k and the queries' dimension."""
-    k = check_k(k)
+    """(scores, ids), each (n_queries, k), after checking k and the queries' dimension. Shown in lesson 10."""
+    k = check_positive_int("k", k, what=" (how many neighbours to return)")
     xq = check_vectors(xq, index.d, name="query vectors")
     if index.ntotal == 0:
         raise ValueError("the index is empty: add vectors before searching")
@@ -137,8 +142,11 @@ def search(index, xq, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int = 10) -> float:
-    """Mean fraction of the true k nearest neighbours that the index returned in its first k."""
-    k = check_k(k)
+    """Mean fraction of the true k nearest neighbours that the index returned in its first k.
+
+    Shown in lesson 10. Example: recall_at_k([[4, 3, 9]], [[1, 3, 4]], 3) -> 0.667 (2 of the 3 found)
+    """
+    k = check_positive_int("k", k)
     found, truth = np.asarray(found)[:, :k], np.asarray(truth)[:, :k]
     if found.shape[0] != truth.shape[0]:
         raise ValueError("found and truth need one row per query")
@@ -148,9 +156,9 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int = 10) -> float:
 def queries_per_second(index, xq, k: int = 10, one_at_a_time: bool = False, min_seconds: float = 0.2) -> float:
     """Throughput of index.search. one_at_a_time=True sends queries one by one, the way a service
     answering users sees them; False sends them as one batch (the fastest case for Flat, whose
-    batched search is a matrix product)."""
+    batched search is a matrix product). Shown in lesson 10."""
     xq = check_vectors(xq, index.d, name="query vectors")
-    k = check_k(k)
+    k = check_positive_int("k", k, what=" (how many neighbours to return)")
     done, start = 0, time.perf_counter()
     while True:  # repeat until the measurement lasts long enough to be stable
         if one_at_a_time:
@@ -168,7 +176,7 @@ def index_bytes(index) -> int:
     """Bytes of the index written to disk: what it costs on disk and, roughly, in RAM.
 
     Written to a temporary file rather than serialised in memory, so measuring a big index does
-    not briefly need twice its RAM."""
+    not briefly need twice its RAM. Shown in lesson 10."""
     import os
     import tempfile
 
@@ -179,6 +187,7 @@ def index_bytes(index) -> int:
 
 
 def flat_bytes(n: int, d: int, bytes_per_value: int = 4) -> int:
+    """Bytes of n d-dimensional vectors stored flat. Example: flat_bytes(1_000, 384) -> 1_536_000 (float32)."""
     return n * d * bytes_per_value
 
 
@@ -190,9 +199,9 @@ def memory_estimate(n: int, d: int = 384, kind: str = "flat", M: int = 32, m: in
     hnsw:  the float32 vectors + the graph: ~2*M neighbour ids (4 bytes each) per vector on level 0
     ivf:   the float32 vectors + an 8-byte id per vector + nlist centroids
     ivfpq: m * nbits / 8 bytes of codes + an 8-byte id per vector + centroids and codebooks
+    Shown in lesson 10. Example: memory_estimate(1_000, 384, "flat") -> 1_536_000
     """
-    if kind not in INDEX_KINDS:
-        raise ValueError(f"kind must be one of {INDEX_KINDS}, got {kind!r}")
+    check_choice("kind", kind, INDEX_KINDS)
     vectors = flat_bytes(n, d)
     if kind == "flat":
         return vectors
@@ -208,9 +217,9 @@ def memory_estimate(n: int, d: int = 384, kind: str = "flat", M: int = 32, m: in
 def filtered_search(index, xq, k: int, allowed_ids, ef_search: int | None = None,
                     nprobe: int | None = None):
     """Search only among `allowed_ids` (pre-filtering inside FAISS with an IDSelector), so a
-    restrictive filter still returns k results when k allowed vectors exist."""
+    restrictive filter still returns k results when k allowed vectors exist. Shown in lesson 10."""
     faiss = _faiss()
-    k = check_k(k)
+    k = check_positive_int("k", k, what=" (how many neighbours to return)")
     xq = check_vectors(xq, index.d, name="query vectors")
     selector = faiss.IDSelectorBatch(np.asarray(allowed_ids, dtype=np.int64))
     if isinstance(index, faiss.IndexHNSW):
@@ -223,7 +232,7 @@ def filtered_search(index, xq, k: int, allowed_ids, ef_search: int | None = None
 
 
 def save_index(index, folder: str | Path, metadata: list[dict] | None = None) -> Path:
-    """index.faiss + metadata.json (one dict per stored vector, in id order) in `folder`."""
+    """index.faiss + metadata.json (one dict per stored vector, in id order) in `folder`. Shown in lesson 10."""
     faiss = _faiss()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -235,7 +244,7 @@ def save_index(index, folder: str | Path, metadata: list[dict] | None = None) ->
 
 
 def load_index(folder: str | Path):
-    """(index, metadata) as written by save_index (FAISS's own format + JSON: no pickle)."""
+    """(index, metadata) as written by save_index (FAISS's own format + JSON: no pickle). Shown in lesson 10."""
     folder = Path(folder)
     if not (folder / "index.faiss").is_file():
         raise FileNotFoundError(f"no index.faiss in {folder}")

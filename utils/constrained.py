@@ -1,0 +1,193 @@
+"""Constrained decoding: an output format the model cannot break. Shown in lesson 07.
+
+A `Grammar` is a sequence of segments (`Literal` text, a `Choice` of strings, an `Integer`, a JSON
+`String`). At every step it tells the decoder which tokens may come next; the decoder sets the logits
+of all others to -inf (`utils.generation.generate_batch(..., grammar=...)`), so whatever the model
+prefers, the output stays inside the format. Valid by construction is not the same as right: lesson 07
+measures both.
+
+* `label_grammar(tokenizer, labels)`: exactly one of a few labels.
+* `json_grammar(tokenizer, fields)`: a flat JSON object with the given keys, in order.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Literal:
+    text: str  # must appear exactly
+
+
+@dataclass(frozen=True)
+class Choice:
+    options: tuple[str, ...]  # exactly one of these strings
+
+
+@dataclass(frozen=True)
+class Integer:
+    max_digits: int = 6  # a JSON integer: digits, no leading zero
+
+
+@dataclass(frozen=True)
+class String:
+    max_chars: int = 40  # the inside of a JSON string: no quote, backslash or control character
+
+
+class Grammar:
+    """An output format as a sequence of segments; tells the decoder which tokens are allowed next.
+
+    The state of one sequence is (segment index, text produced inside that segment). At every step
+    `allowed(state)` is a boolean mask over the vocabulary; the decoder sets the logits of all
+    other tokens to -inf, so whatever the model prefers, the output stays inside the format.
+    After the last segment only the end-of-sequence token is allowed.
+    """
+
+    def __init__(self, tokenizer, segments):
+        self.segments = list(segments)
+        if not self.segments:
+            raise ValueError("a grammar needs at least one segment")
+        for seg in self.segments:
+            if not isinstance(seg, (Literal, Choice, Integer, String)):
+                raise TypeError(f"segments must be Literal, Choice, Integer or String, got {seg!r}")
+            if isinstance(seg, Choice):
+                if not seg.options or not all(isinstance(o, str) and o for o in seg.options):
+                    raise ValueError("a Choice needs at least one non-empty string option")
+                clash = [(a, b) for a in seg.options for b in seg.options if a != b and b.startswith(a)]
+                if clash:
+                    raise ValueError(f"Choice options must not be prefixes of each other: {clash[0]}")
+        self.eos = tokenizer.eos_token_id
+        self.vocab_size = len(tokenizer)
+        # The text of every token on its own (byte-level BPE pieces of a character decode to U+FFFD).
+        self.texts = tokenizer.batch_decode([[i] for i in range(self.vocab_size)])
+        special = set(tokenizer.all_special_ids)
+        self.by_text: dict[str, list[int]] = {}
+        for i, t in enumerate(self.texts):
+            if t and i not in special:
+                self.by_text.setdefault(t, []).append(i)
+        self.digit_mask = self._mask(lambda t: t.isascii() and t.isdigit(), special)
+        self.lengths = torch.tensor([len(t) for t in self.texts])
+        self.no_leading_zero = torch.tensor([not t.startswith("0") or t == "0" for t in self.texts])
+        # Inside a JSON string: printable ASCII except quote and backslash, exactly the characters
+        # json.dumps writes unescaped (it escapes control characters, DEL and non-ASCII).
+        self.string_mask = self._mask(
+            lambda t: t != "" and '"' not in t and "\\" not in t and all(" " <= ch <= "~" for ch in t), special)
+
+    def _mask(self, keep, special) -> torch.Tensor:
+        return torch.tensor([keep(t) and i not in special for i, t in enumerate(self.texts)])
+
+    def _prefix_tokens(self, text: str) -> list[int]:
+        """Tokens whose text is a non-empty prefix of `text`."""
+        return [i for k in range(1, len(text) + 1) for i in self.by_text.get(text[:k], [])]
+
+    def start(self):
+        return (0, "")
+
+    def done(self, state) -> bool:
+        return state[0] >= len(self.segments)
+
+    def allowed(self, state) -> torch.Tensor:
+        index, partial = state
+        mask = torch.zeros(self.vocab_size, dtype=torch.bool)
+        if index >= len(self.segments):
+            mask[self.eos] = True
+            return mask
+        seg = self.segments[index]
+        if isinstance(seg, Literal):
+            mask[self._prefix_tokens(seg.text[len(partial):])] = True
+        elif isinstance(seg, Choice):
+            for option in seg.options:
+                if option.startswith(partial) and option != partial:
+                    mask[self._prefix_tokens(option[len(partial):])] = True
+        else:  # Integer or String: free text of one kind, ended by the start of the next segment
+            if isinstance(seg, Integer):
+                room = seg.max_digits - len(partial)
+                if partial != "0" and room > 0:
+                    mask |= self.digit_mask & (self.lengths <= room)
+                    if partial == "":  # no leading zero ("07" is not JSON)
+                        mask &= self.no_leading_zero
+                can_end = partial != ""
+            else:
+                if len(partial) < seg.max_chars:
+                    mask |= self.string_mask
+                can_end = True
+            if can_end:
+                mask |= self._next_start_mask(index)
+        return mask
+
+    def _next_start_mask(self, index) -> torch.Tensor:
+        """Tokens that begin the segment after `index` (it must be a Literal or the end)."""
+        mask = torch.zeros(self.vocab_size, dtype=torch.bool)
+        if index + 1 >= len(self.segments):
+            mask[self.eos] = True
+        else:
+            nxt = self.segments[index + 1]
+            if not isinstance(nxt, Literal):
+                raise ValueError("an Integer or String segment must be followed by a Literal or the end")
+            mask[self._prefix_tokens(nxt.text)] = True
+        return mask
+
+    def advance(self, state, token_id: int):
+        """The state after emitting `token_id` (which `allowed(state)` permitted)."""
+        index, partial = state
+        if index >= len(self.segments):
+            return state
+        seg, text = self.segments[index], self.texts[token_id]
+        if isinstance(seg, (Integer, String)):
+            ok = self.string_mask[token_id] if isinstance(seg, String) else self.digit_mask[token_id]
+            if ok:
+                return (index, partial + text)
+            if token_id == self.eos:
+                return (len(self.segments), "")
+            index, partial, seg = index + 1, "", self.segments[index + 1]  # the token starts the next literal
+        partial += text
+        target = seg.text if isinstance(seg, Literal) else partial
+        if isinstance(seg, Choice):
+            complete = partial in seg.options and not any(o != partial and o.startswith(partial)
+                                                          for o in seg.options)
+        else:
+            complete = partial == target
+        return (index + 1, "") if complete else (index, partial)
+
+
+def label_grammar(tokenizer, labels) -> Grammar:
+    """The output must be exactly one of `labels`, then end-of-sequence."""
+    if isinstance(labels, str) or not labels:
+        raise ValueError("labels must be a non-empty list of strings")
+    return Grammar(tokenizer, [Choice(tuple(labels))])
+
+
+def json_grammar(tokenizer, fields: dict) -> Grammar:
+    """A flat JSON object with these keys in this order, written like json.dumps writes it.
+
+    fields: name -> int (an integer), str (a string), or a list of allowed values (str or None),
+    e.g. {"item": str, "quantity": int, "size": ["small", "medium", "large", None]}.
+    """
+    if not isinstance(fields, dict) or not fields:
+        raise ValueError("fields must be a non-empty dict: name -> int, str or a list of values")
+    segments, sep = [], "{"
+    for name, kind in fields.items():
+        key = sep + json.dumps(name) + ": "
+        if kind is int:
+            segments += [Literal(key), Integer()]
+        elif kind is str:
+            segments += [Literal(key + '"'), String(), Literal('"')]
+        elif isinstance(kind, (list, tuple)) and kind:
+            segments += [Literal(key), Choice(tuple(json.dumps(v) for v in kind))]
+        else:
+            raise ValueError(f"field {name!r}: kind must be int, str or a non-empty list of values, "
+                             f"got {kind!r}")
+        sep = ", "
+    segments.append(Literal("}"))
+    # merge neighbouring literals ('"' + ', "next": ') so that a string can end with one token
+    merged = []
+    for seg in segments:
+        if merged and isinstance(seg, Literal) and isinstance(merged[-1], Literal):
+            merged[-1] = Literal(merged[-1].text + seg.text)
+        else:
+            merged.append(seg)
+    return Grammar(tokenizer, merged)

@@ -1,0 +1,177 @@
+"""Process management for the course's chat server: not the lesson, the plumbing around it.
+
+Lesson 11's API (`utils.serving`) is a FastAPI app. A notebook cannot run a web server in its own
+kernel and keep executing cells, so `start_server()` runs `python -m utils.serving` as a child
+process and returns a `ChatServer` handle. The safety rules live here:
+
+* loopback only (`check_loopback`): the server binds to 127.0.0.1 / ::1, so other machines on the
+  network cannot reach the model;
+* nothing is left running: `ChatServer.stop()` ends the child, `stop_all_servers()` runs at exit
+  (atexit), and the child runs a watchdog (`exit_when_parent_dies`) that ends it if the notebook
+  kernel is killed without cleaning up;
+* a server that fails to start is stopped and its log is shown, instead of hanging the notebook.
+
+`utils.serving` re-exports `start_server`, `ChatServer` and `stop_all_servers`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ipaddress
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from utils.checks import check_int, check_number
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def check_loopback(host: str) -> str:
+    """Return host if it is a loopback address, else ValueError.
+
+    Example: check_loopback("127.0.0.1") -> "127.0.0.1"; check_loopback("0.0.0.0") -> ValueError.
+    """
+    if not isinstance(host, str):
+        raise TypeError(f"host must be a string such as '127.0.0.1', got {type(host).__name__}")
+    if host == "localhost":
+        return host
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ValueError(f"host={host!r} would expose the model to other machines; this course server "
+                         "binds to loopback only: use '127.0.0.1' (or '::1', 'localhost').")
+    return host
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free right now (the OS picks it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+_RUNNING: set[ChatServer] = set()  # servers this Python process started and has not stopped yet
+
+
+class ChatServer:
+    """Handle on a server child process: .base_url for the openai client, .stop() to end it."""
+
+    def __init__(self, process: subprocess.Popen, host: str, port: int, log_path: Path):
+        self.process, self.host, self.port, self.log_path = process, host, port, log_path
+        netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.url = f"http://{netloc}"
+        self.base_url = self.url + "/v1"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def log(self, last_lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-last_lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """End the server (SIGTERM, then SIGKILL after `timeout` s). Safe to call twice."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        _RUNNING.discard(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def __repr__(self):
+        state = "running" if self.running() else f"stopped (exit code {self.process.returncode})"
+        return f"ChatServer({self.base_url}, pid {self.pid}, {state})"
+
+
+def stop_all_servers() -> int:
+    """Stop every server this Python process started; returns how many were running."""
+    servers = list(_RUNNING)
+    for server in servers:
+        server.stop()
+    return len(servers)
+
+
+atexit.register(stop_all_servers)
+
+
+def start_server(port: int | None = None, host: str = "127.0.0.1", timeout: float = 180.0,
+                 threads: int | None = None) -> ChatServer:
+    """Start `python -m utils.serving` as a child process and wait until /health answers.
+
+    port: None picks a free one. host: loopback only (ValueError otherwise). timeout: seconds to
+    wait for the model to load. If anything goes wrong while waiting, the child is stopped.
+    """
+    import httpx
+
+    check_loopback(host)
+    if port is None:
+        port = free_port(host)
+    check_int("port", port, low=1, high=65535, what=" (or None for a free one)")
+    check_number("timeout", timeout, low=0, low_open=True)
+    if threads is not None:
+        check_int("threads", threads, low=1, what=" or None")
+
+    log_fd, log_name = tempfile.mkstemp(prefix="llm-course-server-", suffix=".log")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(REPO_ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+    command = [sys.executable, "-m", "utils.serving", "--host", host, "--port", str(port),
+               "--parent-pid", str(os.getpid())]
+    if threads is not None:
+        command += ["--threads", str(threads)]
+    with os.fdopen(log_fd, "wb") as log:  # the child keeps its own copy of the file descriptor
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   cwd=REPO_ROOT, env=env)
+    server = ChatServer(process, host, port, Path(log_name))
+    _RUNNING.add(server)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the server exited with code {process.returncode} before it was "
+                                   f"ready. Its log ({log_name}) ends with:\n{server.log()}")
+            try:
+                if httpx.get(server.url + "/health", timeout=2.0).status_code == 200:
+                    return server
+            except httpx.TransportError:
+                pass  # not listening yet
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the server did not answer /health within {timeout:g} s. Its log "
+                                   f"ends with:\n{server.log()}")
+            time.sleep(0.25)
+    except BaseException:  # also KeyboardInterrupt: never leave a half-started server behind
+        server.stop()
+        raise
+
+
+def exit_when_parent_dies(parent_pid: int) -> None:
+    """In the child: a watchdog thread that ends the server once its parent process is gone."""
+    def watch():
+        while True:
+            if os.getppid() != parent_pid:  # re-parented: the notebook kernel died
+                os._exit(0)
+            time.sleep(1.0)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watchdog").start()
