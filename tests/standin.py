@@ -55,6 +55,17 @@ def tiny_chat_model(seed: int = 0):
     return model.eval(), tokenizer
 
 
+def random_llama(tokenizer, seed: int = 0):
+    """A 1-layer Llama with large random weights over `tokenizer`'s vocabulary: peaked, arbitrary
+    preferences, so whatever keeps its output valid (a grammar) is not the model."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                             initializer_range=1.0)
+        return LlamaForCausalLM(config).eval()
+
+
 class ScriptedModel(torch.nn.Module):
     """Always continues with the next token of `text` (then eos), whatever came before: a model whose
     greedy output is known exactly.

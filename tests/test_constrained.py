@@ -10,9 +10,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from tests.standin import random_llama as random_model
 from tests.standin import tiny_tokenizer
 from utils.answers import check_shape
 from utils.constrained import Choice, Grammar, Integer, Literal, String, json_grammar, label_grammar
@@ -32,14 +31,6 @@ def smollm2_tokenizer():
 @pytest.fixture(scope="module", params=[pytest.param("standin"), pytest.param("smollm2", marks=pytest.mark.slow)])
 def tokenizer(request):
     return tiny_tokenizer() if request.param == "standin" else smollm2_tokenizer()
-
-
-def random_model(tokenizer, seed):
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                         initializer_range=1.0)  # large weights: peaked, arbitrary preferences
-    return LlamaForCausalLM(config).eval()
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

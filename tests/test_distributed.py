@@ -64,6 +64,7 @@ def test_check_launch_refuses_wrong_types():
     (["--mode", "zero3", "--steps", "3", "--batch-size", "8"], "invalid choice: 'zero3'"),
     (["--mode", "single", "--steps", "0", "--batch-size", "8"], "steps must be a positive int"),
     (["--mode", "ddp", "--steps", "3", "--batch-size", "8"], "torchrun"),
+    (["--mode", "single", "--steps", "3", "--batch-size", "8", "--threads", "0"], "threads must be"),
 ])
 def test_main_exits_with_a_message_before_any_process_group(argv, message, monkeypatch, capsys):
     for name in TORCHRUN_ENV:

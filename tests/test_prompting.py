@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from tests.standin import random_llama as random_model
 from tests.standin import tiny_tokenizer
 from utils.prompting import chat_prompt, classify, score_choices, show_tokens
 
@@ -19,14 +19,6 @@ def smollm2_tokenizer():
     from utils.models import load_chat_model
 
     return load_chat_model()[1]
-
-
-def random_model(tokenizer, seed):
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                         initializer_range=1.0)  # large weights: peaked, arbitrary preferences
-    return LlamaForCausalLM(config).eval()
 
 
 # -------------------------------------------------------------------------------- prompts
