@@ -1,8 +1,8 @@
 """utils.alignment: SFT, reward-model, DPO, PPO and GRPO losses and advantages; bad input; parity with trl.
 
 Hand-computed small cases first, then masking (value and gradient), then bad input, then the parity tests
-that run trl 1.16's own DPOTrainer / GRPOTrainer loss code on the tiny stand-in model (skipped if trl is
-not installed).
+that run trl 1.16's own DPOTrainer / GRPOTrainer loss code on the tiny stand-in model (trl is pinned:
+these tests fail, never skip, without it).
 """
 
 from __future__ import annotations
@@ -491,7 +491,7 @@ def test_dpo_loss_matches_trl_dpo_trainer(tmp_path):
     preference pairs, policy = tiny_chat_model(seed 0), reference = tiny_chat_model(seed 1), versus our
     dpo_loss on response_logprobs of the same batch under the same two models. Same loss, same gradient
     w.r.t. every policy weight, same implicit rewards (trl's logged means), each to 1e-5."""
-    pytest.importorskip("trl")
+    import trl  # noqa: F401  (pinned in requirements.txt: a missing trl is a failure, not a skip)
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -528,7 +528,7 @@ def grpo_setup(tmp_path_factory):
     """A trl GRPOTrainer on the tiny stand-in (saved to a temporary folder: trl builds its reference model
     from a path; float32, bf16 autocast off) and one generation batch: 3 prompts x 4 sampled completions of 8 tokens, scored by a
     deterministic reward (the count of ASCII characters), with the rewards trl received recorded."""
-    pytest.importorskip("trl")
+    import trl  # noqa: F401  (pinned in requirements.txt: a missing trl is a failure, not a skip)
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 

@@ -32,7 +32,9 @@ def test_get_price_returns_the_row():
     ((True, 0), {}, TypeError, "input_tokens must be an int"),
     ((1, 1), {"price": "gpt-99"}, ValueError, "unknown model price 'gpt-99'"),
     ((1, 1), {"price": {"input": 1}}, ValueError, "exactly the keys"),
-    ((1, 1), {"price": {"input": -1, "output": 1}}, ValueError, "finite number >= 0"),
+    ((1, 1), {"price": {"input": -1, "output": 1}}, ValueError, r"must be in \[0, inf\]"),
+    ((1, 1), {"price": {"input": float("nan"), "output": 1}}, ValueError, "must be a finite number"),
+    ((1, 1), {"price": {"input": "1", "output": 1}}, TypeError, "must be a number"),
     ((1, 1), {"price": 3.0}, TypeError, "model name"),
 ])
 def test_bad_input(args, kwargs, error, message):

@@ -60,7 +60,7 @@ def test_price_halving_every_year():
     (lambda: api_monthly_cost(float("nan")), ValueError),
     (lambda: api_monthly_cost("1e9"), TypeError),
     (lambda: self_hosting_monthly_cost(gpus=0), ValueError),
-    (lambda: self_hosting_monthly_cost(gpus=1.5), ValueError),
+    (lambda: self_hosting_monthly_cost(gpus=1.5), TypeError),
     (lambda: self_hosting_monthly_cost(gpu_hourly_usd=-2), ValueError),
     (lambda: self_hosting_monthly_cost(hours_per_month=1000), ValueError),
     (lambda: break_even_tokens_per_month(-5), ValueError),

@@ -347,7 +347,9 @@ def test_saved_activation_bytes_frees_its_graph():
         "print(saved, release_memory() - base)\n"
     )
     saved, kept = ints_printed_by_fresh_python(code)
-    assert saved > 60_000_000 and kept < saved // 4, (saved, kept)  # the graphs of 3 calls are gone
+    # A leak keeps the graphs of all 3 calls (>= 3 * saved); allocator noise after a fresh import is
+    # ~20 MB. Keeping even one graph (saved) fails this.
+    assert saved > 60_000_000 and kept < saved // 2, (saved, kept)
 
 
 def test_saved_activation_bytes_keeps_gradients_right():

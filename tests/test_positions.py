@@ -89,7 +89,7 @@ def test_rotate_half_is_a_quarter_turn():
     (lambda: sinusoidal_positions(0, 8), "T must be a positive int"),
     (lambda: sinusoidal_positions(4, 7), "d must be even"),
     (lambda: rope_frequencies(7, 4), "head_dim must be even"),
-    (lambda: rope_frequencies(8, 4, start=-1), "start must be a non-negative int"),
+    (lambda: rope_frequencies(8, 4, start=-1), "start must be an int >= 0"),
     (lambda: LearnedPositions(0, 4), "max_len must be a positive int"),
     (lambda: apply_rope(torch.zeros(2, 4, 8), *rope_frequencies(8, 2)), "must be"),
     (lambda: apply_rope(torch.zeros(1, 1, 3, 8), *rope_frequencies(8, 2)), "cos and sin must be"),

@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils.checks import check_positive_int
+
 
 def check_qkv(q, k, v) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -138,9 +140,7 @@ class KVCache:
     """
 
     def __init__(self, n_layers: int):
-        if not isinstance(n_layers, int) or isinstance(n_layers, bool) or n_layers < 1:
-            raise ValueError(f"n_layers must be a positive int, got {n_layers!r}")
-        self.n_layers = n_layers
+        self.n_layers = check_positive_int("n_layers", n_layers)
         self.reset()
 
     def reset(self) -> None:
@@ -210,9 +210,8 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, n_embd: int, n_head: int, bias: bool = True, dropout: float = 0.0,
                  causal: bool = False, layer_idx: int = 0, impl: str = "course"):
         super().__init__()
-        for name, value in (("n_embd", n_embd), ("n_head", n_head)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_int("n_embd", n_embd)
+        check_positive_int("n_head", n_head)
         if n_embd % n_head != 0:
             raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head}): each head "
                              f"gets n_embd // n_head channels")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-from utils.checks import check_int, check_number
+from utils.checks import check_int, check_number, check_positive_int
 
 # Dollars per million tokens. Add rows freely: each is {"input": $/M, "output": $/M}.
 PRICES: dict[str, dict[str, float]] = {
@@ -37,9 +37,7 @@ def get_price(price: str | dict = DEFAULT_PRICE) -> dict[str, float]:
             raise ValueError(f"a price dict needs exactly the keys 'input' and 'output' (dollars per "
                              f"million tokens), got {sorted(price)}")
         for key, value in price.items():
-            if (not isinstance(value, (int, float)) or isinstance(value, bool)
-                    or not math.isfinite(value) or value < 0):
-                raise ValueError(f"price[{key!r}] must be a finite number >= 0, got {value!r}")
+            check_number(f"price[{key!r}]", value, low=0.0)
         return price
     raise TypeError(f"price must be a model name (str) or a dict, got {type(price).__name__}")
 
@@ -83,8 +81,7 @@ def self_hosting_monthly_cost(gpu_hourly_usd: float = SELF_HOSTING["gpu_hourly_u
                               hours_per_month: float = SELF_HOSTING["hours_per_month"],
                               other_monthly_usd: float = 0.0) -> float:
     """Dollars per month for GPUs rented around the clock (plus any other fixed monthly cost)."""
-    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
-        raise ValueError(f"gpus must be an int >= 1, got {gpus!r}")
+    check_positive_int("gpus", gpus)
     hourly = check_number("gpu_hourly_usd", gpu_hourly_usd, low=0.0)
     hours = check_number("hours_per_month", hours_per_month, low=0.0, high=24 * 31)
     return hourly * gpus * hours + check_number("other_monthly_usd", other_monthly_usd, low=0.0)

@@ -29,6 +29,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 
+from utils.checks import check_int
+
 COURSE_REPO = "open-llm-course/llm-course"  # GitHub owner/name: badges and the Colab clone use it
 DEFAULT_THREADS = 2  # the course's reference machine is a 2-core laptop; Binder has 1 CPU
 
@@ -58,8 +60,7 @@ def seed_everything(seed: int = 0, threads: int | None = None) -> None:
     >>> seed_everything(0); a = np.random.rand(); seed_everything(0); a == np.random.rand()
     True
     """
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    check_int("seed", seed, low=0)
     import torch
 
     random.seed(seed)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from utils.checks import check_positive_int
+from utils.checks import check_int, check_positive_int
 
 
 def check_even_dim(name: str, value) -> None:
@@ -75,8 +75,7 @@ def rope_frequencies(head_dim: int, T: int, base: float = 10000.0, start: int = 
     """
     check_even_dim("head_dim", head_dim)
     check_positive_int("T", T)
-    if not isinstance(start, int) or isinstance(start, bool) or start < 0:
-        raise ValueError(f"start must be a non-negative int, got {start!r}")
+    check_int("start", start, low=0)
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))  # (hd/2,)
     positions = torch.arange(start, start + T, dtype=torch.float)                            # (T,)
     freqs = positions[:, None] * inv_freq[None, :]                                           # (T, hd/2)

@@ -23,6 +23,8 @@ import math
 
 import torch
 
+from utils.checks import check_int
+
 # --------------------------------------------------------------------------------------------
 # Checks
 # --------------------------------------------------------------------------------------------
@@ -213,8 +215,7 @@ def stream_tokens(model, input_ids: torch.Tensor, max_new_tokens: int, temperatu
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError("input_ids must be a (batch, time) tensor of token ids")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    check_int("max_new_tokens", max_new_tokens, low=0)
     check_sampling_args(temperature, top_k, top_p, repetition_penalty)
     window = max_positions(model)
     total = input_ids.shape[1] + max_new_tokens - 1  # the last token is produced, never fed back
