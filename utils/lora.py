@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from utils.checks import check_number, check_positive_int, check_text_list
+from utils.generation import pad_token_id
 from utils.model_surgery import is_linear, replace_linear
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -244,7 +245,7 @@ def sft_batch(tokenizer, prompts, answers, device=None) -> dict[str, torch.Tenso
         raise ValueError(f"prompts and answers must have the same length, got {len(prompts)} and "
                          f"{len(answers)}")
     eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    pad = pad_token_id(tokenizer)  # the tokenizer's pad token, else eos (lesson 07's rule)
     rows = []
     for prompt, answer in zip(prompts, answers):
         p = tokenizer.encode(prompt, add_special_tokens=False)
