@@ -84,10 +84,30 @@ def test_mentions_any_matches_whole_words_after_normalising():
 
 
 @pytest.mark.parametrize("aliases, error", [("abc", TypeError), ([""], ValueError), ([], ValueError),
-                                            ([3], TypeError), (None, TypeError)])
+                                            ([3], TypeError), (None, TypeError), (["  "], ValueError),
+                                            (["."], ValueError), (["42", "-"], ValueError),
+                                            (["\u200b"], ValueError), ({"a"}, TypeError)])
 def test_mentions_any_refuses_aliases_that_would_match_anything(aliases, error):
     with pytest.raises(error):
-        mentions_any("a b c", aliases)
+        mentions_any("a b c. 1-2", aliases)
+    with pytest.raises(TypeError, match="reply must be a str"):
+        mentions_any(None, ["a"])
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: normalize_answer(None), TypeError, "text must be a str"),  # was AttributeError
+    (lambda: normalize_answer("x", max_words=0), ValueError, "max_words"),
+    (lambda: normalize_answer("x", max_words=2.0), TypeError, "max_words"),
+    (lambda: check_shape({"a": 1}, {"a": "int"}), TypeError, "must be int, str or a list"),  # was [] (passes)
+    (lambda: check_shape({"a": 1.5}, {"a": float}), TypeError, "must be int, str or a list"),
+    (lambda: agreement_rate("aa"), TypeError, "answers must be a list"),
+    (lambda: is_abstention(b"I don't know"), TypeError, "reply must be a str"),
+    (lambda: first_integer(None), TypeError, "text must be a str"),
+    (lambda: extract_json(["{}"]), TypeError, "text must be a str"),
+])
+def test_scorers_refuse_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
 
 
 def test_normalising_and_agreement():

@@ -138,10 +138,82 @@ def test_load_refuses_an_adapter_for_another_shape(tmp_path):
     save_lora(model, tmp_path / "a")
     other = tiny_llama()
     add_lora(other, TARGETS, r=2, alpha=8)
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match=r"already has LoRA adapters \(r=2, alpha=8.*file's \(r=4, alpha=8"):
         load_lora(other, tmp_path / "a")
     with pytest.raises(FileNotFoundError):
         load_lora(tiny_llama(), tmp_path / "missing")
+
+
+def test_load_onto_existing_adapters_checks_r_and_alpha_instead_of_ignoring_them(tmp_path, ids):
+    model = tiny_llama()
+    add_lora(model, TARGETS, r=4, alpha=8)
+    randomize_b(model)
+    save_lora(model, tmp_path / "a")
+    other = tiny_llama()
+    add_lora(other, TARGETS, r=4, alpha=32)  # same shapes, 4x the scaling: the old loader said nothing
+    with pytest.raises(ValueError, match="alpha=32.*alpha=8"):
+        load_lora(other, tmp_path / "a")
+    same = tiny_llama()
+    add_lora(same, TARGETS, r=4, alpha=8)  # matching adapters: the file's weights are loaded into them
+    load_lora(same, tmp_path / "a")
+    assert torch.equal(same(ids).logits, model(ids).logits)
+
+
+def _adapter(tmp_path, **config_changes):
+    model = tiny_llama()
+    add_lora(model, TARGETS, r=4, alpha=8)
+    folder = save_lora(model, tmp_path / "adapter")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    for key, value in config_changes.items():
+        if value is None:
+            config.pop(key)
+        else:
+            config[key] = value
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("changes, error, match", [
+    ({"r": None}, ValueError, "missing the key 'r'"),
+    ({"target_modules": None}, ValueError, "missing the key 'target_modules'"),
+    ({"lora_alpha": None}, ValueError, "missing the key 'lora_alpha'"),
+    ({"r": 10**9}, ValueError, "r=1000000000 is above the largest rank"),
+    ({"r": "4"}, TypeError, r"r \(the LoRA rank\) must be an int"),
+    ({"lora_alpha": float("inf")}, ValueError, "alpha"),
+    ({"lora_dropout": 1.5}, ValueError, "dropout"),
+    ({"target_modules": "q_proj|v_proj"}, ValueError, "target_modules must be a list"),
+    ({"target_modules": ["q_proj", "__import__('os')"]}, ValueError, "target_modules must be a list"),
+    ({"target_modules": ["up_proj"]}, ValueError, "does not fit this model"),
+    ({"target_modules": ["nothing"]}, ValueError, r"targets \['nothing'\], but the model's linear layers"),
+    ({"peft_type": "PREFIX_TUNING"}, ValueError, "not a LoRA adapter config"),
+    ({"use_dora": True}, ValueError, "use_dora=True, which this LoRA does not implement"),
+    ({"use_rslora": True}, ValueError, "use_rslora=True"),
+    ({"rank_pattern": {"q_proj": 64}}, ValueError, "rank_pattern"),
+    ({"bias": "all"}, ValueError, "bias='all'"),
+])
+def test_bad_adapter_configs_are_refused_before_anything_is_allocated(tmp_path, changes, error, match):
+    folder = _adapter(tmp_path, **changes)
+    model = tiny_llama()
+    with pytest.raises(error, match=match):
+        load_lora(model, folder)
+    assert not lora_layers(model)  # refused before add_lora changed the model
+
+
+def test_adapter_tensors_of_the_wrong_shape_are_refused_before_they_are_read(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = _adapter(tmp_path)
+    state = load_file(str(folder / "adapter_model.safetensors"))
+    name = next(n for n in state if n.endswith("lora_A.weight"))
+    state[name] = torch.zeros(4, 100_000)  # a 400k-wide A for a 32-wide layer
+    save_file(state, str(folder / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=r"has shape \[4, 100000\] \(F32\) in the file, \[4, 32\]"):
+        load_lora(tiny_llama(), folder)
+    state[name] = torch.zeros(4, 32)
+    state["base_model.model.lm_head.weight"] = torch.zeros(96, 32)  # an extra tensor
+    save_file(state, str(folder / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=r"unexpected \['base_model.model.lm_head.weight'\]"):
+        load_lora(tiny_llama(), folder)
 
 
 def _peft_twin(ours: nn.Module, base: nn.Module, r: int, alpha: float):

@@ -2,11 +2,13 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.standin import tiny_chat_model
 from utils import models
 from utils.generation import chat
 from utils.models import ModelIntegrityError, load_chat_model, load_embedder
@@ -32,7 +34,7 @@ def test_chat_model_knows_the_capital_of_france(chat_model):
 def test_second_load_uses_the_cache(chat_model, monkeypatch):
     def no_conversion(*_):
         raise AssertionError("the cache should have been used")
-    monkeypatch.setattr(models, "convert_gguf_to_cache", no_conversion)
+    monkeypatch.setattr(models, "convert_gguf", no_conversion)
     model, _ = load_chat_model(dtype="bfloat16")
     assert next(model.parameters()).dtype == torch.bfloat16
 
@@ -60,15 +62,6 @@ def test_modified_gguf_is_refused(tmp_path, monkeypatch):
     _copy_with_flipped_byte(real, tmp_path / "pkg", models.CHAT_GGUF_FILE)
     monkeypatch.setattr(models, "package_folder", lambda *_: tmp_path / "pkg")
     with pytest.raises(ModelIntegrityError, match="refusing to load"):
-        load_chat_model()
-
-
-@pytest.mark.slow
-def test_modified_cache_is_refused(chat_model, tmp_path, monkeypatch):
-    cached = models._chat_cache_folder()
-    monkeypatch.setenv("LLM_COURSE_CACHE", str(tmp_path))
-    _copy_with_flipped_byte(cached, models._chat_cache_folder(), "model.safetensors")
-    with pytest.raises(ModelIntegrityError, match="sha256"):
         load_chat_model()
 
 
@@ -129,4 +122,163 @@ def test_two_processes_converting_at_once_both_get_a_complete_cache(tmp_path):
         assert "Paris" in out
     entries = sorted(p.name for p in tmp_path.iterdir())
     assert entries == [models._chat_cache_folder().name], entries  # no leftover staging folders
-    assert models._cache_is_complete(tmp_path / entries[0])
+    pinned = models.CHAT_CACHE_SHA256[models.transformers_version()]
+    assert models.chat_cache_problem(tmp_path / entries[0], pinned) is None
+
+
+_CONVERT_AND_HASH = """
+from tests.standin import tiny_chat_model
+from utils import models
+models.load_chat_model()
+folder = models._chat_cache_folder()
+print(sorted((p.name, models.sha256_of(p)) for p in folder.iterdir()))
+"""
+
+
+@pytest.mark.slow
+def test_the_conversion_is_deterministic_and_writes_the_pinned_bytes(tmp_path):
+    """Two conversions, one with HF_HUB_OFFLINE=1 and one without, write the same bytes: the pinned ones.
+
+    (transformers records local_files_only in tokenizer_config.json; the conversion passes it
+    explicitly, otherwise the file would depend on HF_HUB_OFFLINE.) ~20-40 s per conversion."""
+    version = models.transformers_version()
+    if version not in models.CHAT_CACHE_SHA256:
+        pytest.skip(f"no pinned cache hashes for transformers {version}")
+    listings = []
+    for name, offline in (("a", {"HF_HUB_OFFLINE": "1"}), ("b", {})):
+        env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+        env.update(offline, LLM_COURSE_CACHE=str(tmp_path / name), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+        done = subprocess.run([sys.executable, "-c", _CONVERT_AND_HASH], env=env, cwd=REPO,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        listings.append(done.stdout.strip().splitlines()[-1])
+    assert listings[0] == listings[1]
+    assert listings[0] == str(sorted(models.CHAT_CACHE_SHA256[version].items()))
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache logic, fast: the GGUF conversion is replaced by the tiny stand-in model (tests/standin.py)
+
+
+@pytest.fixture
+def tiny_cache(tmp_path, monkeypatch):
+    """load_chat_model() with a fake packaged GGUF, a conversion that returns the tiny stand-in, and
+    pins for the files the stand-in writes. Returns the list of conversions done (one per call)."""
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / models.CHAT_GGUF_FILE).write_bytes(b"not really a GGUF")
+    monkeypatch.setattr(models, "package_folder", lambda *_: package)
+    monkeypatch.setattr(models, "CHAT_GGUF_SHA256", models.sha256_of(package / models.CHAT_GGUF_FILE))
+    monkeypatch.setenv("LLM_COURSE_CACHE", str(tmp_path / "cache"))
+    reference = tmp_path / "reference"
+    model, tokenizer = tiny_chat_model()
+    model.save_pretrained(reference)
+    tokenizer.save_pretrained(reference)
+    pinned = {p.name: models.sha256_of(p) for p in reference.iterdir()}
+    monkeypatch.setattr(models, "CHAT_CACHE_SHA256", {models.transformers_version(): pinned})
+    conversions = []
+
+    def fake_convert(folder):
+        conversions.append(folder)
+        return tiny_chat_model()
+
+    monkeypatch.setattr(models, "convert_gguf", fake_convert)
+    return conversions
+
+
+def test_first_load_caches_and_later_loads_read_the_cache(tiny_cache):
+    model, tokenizer = load_chat_model()
+    assert len(tiny_cache) == 1 and not model.training and "im_start" in tokenizer.chat_template
+    folder = models._chat_cache_folder()
+    pinned = models.CHAT_CACHE_SHA256[models.transformers_version()]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(pinned)
+    load_chat_model(dtype="bfloat16")
+    assert len(tiny_cache) == 1  # no second conversion
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no staging folder left
+
+
+def test_cache_folder_names_the_transformers_version_that_wrote_it(tiny_cache, monkeypatch):
+    assert models._chat_cache_folder().name.endswith(f"-transformers-{models.transformers_version()}")
+    monkeypatch.setattr(models, "transformers_version", lambda: "9.1.0")
+    assert models._chat_cache_folder().name.endswith("-transformers-9.1.0")
+
+
+@pytest.mark.parametrize("edit", ["chat_template.jinja", "config.json", "tokenizer_config.json"])
+def test_an_edited_cache_file_is_noticed_and_rebuilt(tiny_cache, edit, capsys):
+    load_chat_model()
+    target = models._chat_cache_folder() / edit
+    original = target.read_bytes()
+    target.write_bytes(original.replace(b"assistant", b"pirate") + b" ")
+    _, tokenizer = load_chat_model()
+    assert len(tiny_cache) == 2 and "failed its check" in capsys.readouterr().out
+    assert target.read_bytes() == original
+    assert "pirate" not in tokenizer.chat_template
+
+
+def test_a_manifest_that_vouches_for_itself_is_not_trusted(tiny_cache):
+    """The old check: a manifest.json of {"sha256": {}} in the cache folder made any folder pass."""
+    folder = models._chat_cache_folder()
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text('{"sha256": {}}')
+    (folder / "config.json").write_text('{"model_type": "llama", "vocab_size": 7}')
+    load_chat_model()
+    pinned = models.CHAT_CACHE_SHA256[models.transformers_version()]
+    assert len(tiny_cache) == 1 and models.chat_cache_problem(folder, pinned) is None
+
+
+def test_a_cache_folder_with_a_sub_folder_is_refused_with_the_path_to_delete(tiny_cache):
+    folder = models._chat_cache_folder()
+    (folder / "somebody_elses").mkdir(parents=True)
+    with pytest.raises(ModelIntegrityError, match=r"rm -rf '.*transformers-.*'"):
+        load_chat_model()
+    assert (folder / "somebody_elses").is_dir() and not tiny_cache  # nothing deleted, nothing converted
+
+
+def test_chat_cache_problem_says_what_is_wrong(tmp_path):
+    (tmp_path / "a.json").write_text("{}")
+    pinned = {"a.json": models.sha256_of(tmp_path / "a.json"), "b.json": "0" * 64}
+    assert "missing: ['b.json']" in models.chat_cache_problem(tmp_path, pinned)
+    (tmp_path / "b.json").write_text("{}")
+    assert "b.json has sha256" in models.chat_cache_problem(tmp_path, pinned)
+    (tmp_path / "extra.json").write_text("{}")
+    assert "does not write: ['extra.json']" in models.chat_cache_problem(tmp_path, pinned)
+    assert "not a folder" in models.chat_cache_problem(tmp_path / "nowhere", pinned)
+    (tmp_path / "extra.json").unlink()
+    (tmp_path / "b.json").unlink()
+    (tmp_path / "b.json").symlink_to(tmp_path / "a.json")  # right bytes, but a link
+    pinned["b.json"] = pinned["a.json"]
+    assert "b.json is not a regular file" in models.chat_cache_problem(tmp_path, pinned)
+
+
+def test_stale_staging_folders_are_removed_and_fresh_ones_kept(tiny_cache):
+    cache = models.cache_dir()
+    stale = cache / f"{models.CHAT_CACHE_PREFIX}b179c9523d0e.tmp-abc123"
+    fresh = cache / f"{models.CHAT_CACHE_PREFIX}b179c9523d0e.tmp-def456"
+    other = cache / "embeddings.tmp-xyz"  # not ours: never touched
+    for folder in (stale, fresh, other):
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"half written")
+    two_hours_ago = time.time() - 7200
+    for folder in (stale, other):
+        os.utime(folder, (two_hours_ago, two_hours_ago))
+    load_chat_model()
+    assert not stale.exists() and fresh.is_dir() and other.is_dir()
+
+
+def test_an_unpinned_transformers_version_converts_every_time_and_caches_nothing(tiny_cache, monkeypatch,
+                                                                                 capsys):
+    monkeypatch.setattr(models, "transformers_version", lambda: "0.0.1")
+    for _ in range(2):
+        model, _ = load_chat_model(dtype="bfloat16")
+        assert next(model.parameters()).dtype == torch.bfloat16
+    assert len(tiny_cache) == 2 and not models.cache_dir().exists()
+    assert "nothing is cached" in capsys.readouterr().out
+
+
+def test_a_conversion_that_does_not_write_the_pinned_bytes_is_not_cached(tiny_cache, monkeypatch, capsys):
+    pinned = dict(models.CHAT_CACHE_SHA256[models.transformers_version()], **{"config.json": "0" * 64})
+    monkeypatch.setattr(models, "CHAT_CACHE_SHA256", {models.transformers_version(): pinned})
+    model, tokenizer = load_chat_model()
+    assert model is not None and tokenizer.chat_template
+    assert "Not caching" in capsys.readouterr().out
+    assert list(models.cache_dir().iterdir()) == []  # neither a cache nor a staging folder

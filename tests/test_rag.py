@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tests.standin import ScriptedModel, tiny_chat_model, tiny_tokenizer
-from utils import rag
+from utils import rag, retrieval_metrics
 from utils.bm25 import bm25_tokens
 from utils.embedding_cache import embed
 from utils.rag import Hit, Retriever, build_retriever
@@ -157,7 +157,7 @@ def test_minilm_finds_the_gold_section_of_the_handbook(embedder):
     docs = dict(split_sections(load_text("09_handbook.md")))
     r = build_retriever(docs, embedder=embedder, cache=False)
     questions = [q for q in load_jsonl("09_handbook_questions.jsonl") if q["answerable"]][:20]
-    metrics = rag.evaluate_retrieval(r, questions, k=3)
+    metrics = retrieval_metrics.evaluate_retrieval(r, questions, k=3)
     assert metrics["hit@3"] >= 0.9, metrics
     # unanswerable questions score lower than answerable ones on average: the "I don't know" signal
     unanswerable = [q["question"] for q in load_jsonl("09_handbook_questions.jsonl") if not q["answerable"]]
@@ -173,24 +173,24 @@ def test_minilm_finds_the_gold_section_of_the_handbook(embedder):
 def test_hit_at_k_and_mrr_by_hand():
     ranked = [["a", "b", "c"], ["c", "a", "b"], ["x", "y", "z"]]
     gold = [{"a"}, {"a", "q"}, {"b"}]
-    assert rag.hit_at_k(ranked, gold, 1) == pytest.approx(1 / 3)
-    assert rag.hit_at_k(ranked, gold, 2) == pytest.approx(2 / 3)
-    assert rag.mrr(ranked, gold, 10) == pytest.approx((1 + 1 / 2 + 0) / 3)
-    assert rag.mrr(ranked, gold, 1) == pytest.approx(1 / 3)  # rank 2 is beyond k=1
+    assert retrieval_metrics.hit_at_k(ranked, gold, 1) == pytest.approx(1 / 3)
+    assert retrieval_metrics.hit_at_k(ranked, gold, 2) == pytest.approx(2 / 3)
+    assert retrieval_metrics.mrr(ranked, gold, 10) == pytest.approx((1 + 1 / 2 + 0) / 3)
+    assert retrieval_metrics.mrr(ranked, gold, 1) == pytest.approx(1 / 3)  # rank 2 is beyond k=1
     with pytest.raises(ValueError, match="k must be a positive int"):
-        rag.hit_at_k(ranked, gold, 0)
+        retrieval_metrics.hit_at_k(ranked, gold, 0)
     with pytest.raises(ValueError, match="one ranking per question"):
-        rag.mrr(ranked[:2], gold, 10)
+        retrieval_metrics.mrr(ranked[:2], gold, 10)
 
 
 def test_evaluate_retrieval_on_the_toy_knowledge_base(kb):
     questions = [{"question": "annual leave days", "source": "leave"},
                  {"question": "room K2 calibration lab", "sources": ["lab", "travel"]},
                  {"question": "economy flights", "source": "security"}]  # a wrong gold on purpose
-    metrics = rag.evaluate_retrieval(kb, questions, k=2)
+    metrics = retrieval_metrics.evaluate_retrieval(kb, questions, k=2)
     assert metrics["hit@1"] == pytest.approx(2 / 3) and set(metrics) == {"hit@1", "hit@2", "mrr", "ms_per_query"}
     with pytest.raises(ValueError, match="questions must be a non-empty list"):
-        rag.evaluate_retrieval(kb, [], k=2)
+        retrieval_metrics.evaluate_retrieval(kb, [], k=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,11 +199,11 @@ def test_evaluate_retrieval_on_the_toy_knowledge_base(kb):
 
 def test_grounded_prompt_numbers_the_passages():
     hits = [Hit("Employees get 27 days.", "leave", 0.7), Hit("travel > Trains first.", "travel", 0.4)]
-    messages = rag.grounded_messages("How much leave?", hits)
+    messages = rag.grounded_messages("How much leave?", hits, guard=False)  # lesson 09's undefended prompt
     assert messages[0] == {"role": "system", "content": rag.SYSTEM_GROUNDED}
     assert messages[1]["content"] == ("Passages:\n[1] (leave) Employees get 27 days.\n"
                                       "[2] travel > Trains first.\n\nQuestion: How much leave?")
-    guarded = rag.grounded_messages("How much leave?", hits, guard=True)
+    guarded = rag.grounded_messages("How much leave?", hits)  # guarded by default
     assert guarded[0]["content"] == rag.SYSTEM_GUARDED
     assert '<passage id="1" source="leave">\nEmployees get 27 days.\n</passage>' in guarded[1]["content"]
     assert rag.closed_book_messages("How much leave?")[1] == {"role": "user", "content": "How much leave?"}
@@ -280,7 +280,7 @@ def test_filter_injections_drops_the_poisoned_passage_before_the_model_sees_it()
     model = ScriptedModel(tokenizer, "27 days [1].")
     question = "annual leave update days"
     assert "notice" in [h.source for h in kb.retrieve(question, k=3)]
-    text, hits = rag.answer(question, kb, model, tokenizer, k=3, min_score=0.0)
+    text, hits = rag.answer(question, kb, model, tokenizer, k=3, min_score=0.0, filter_injections=False)
     assert "notice" in [h.source for h in hits]
     text, hits = rag.answer(question, kb, model, tokenizer, k=3, min_score=0.0, filter_injections=True)
     assert text == "27 days [1]." and "notice" not in [h.source for h in hits] and len(hits) == 2

@@ -9,11 +9,13 @@ processes (loopback only, the official openai client, stop(), the parent-death w
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,7 +26,18 @@ from transformers import GenerationConfig
 from tests.standin import ScriptedModel, tiny_chat_model
 from utils.sampling import generate
 from utils.server_process import check_loopback
-from utils.serving import MODEL_ID, create_app, held_back_chars, start_server, stop_all_servers, stream_text
+from utils.serving import (
+    MAX_BODY_BYTES,
+    MAX_CONTENT_CHARS,
+    MAX_MESSAGES,
+    MAX_STOP_CHARS,
+    MODEL_ID,
+    create_app,
+    held_back_chars,
+    start_server,
+    stop_all_servers,
+    stream_text,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 HELLO = [{"role": "user", "content": "What is the capital of France?"}]
@@ -42,10 +55,11 @@ class ScriptedLM(ScriptedModel):
         raise NotImplementedError("only utils.sampling's own loop drives this model")
 
 
-def make_client(model, tokenizer):
+def make_client(model, tokenizer, **kwargs):
     from fastapi.testclient import TestClient
 
-    return TestClient(create_app(model, tokenizer), raise_server_exceptions=False)
+    return TestClient(create_app(model, tokenizer, **kwargs), base_url="http://127.0.0.1:8000",
+                      raise_server_exceptions=False)
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +110,11 @@ def prompt_length(tokenizer, messages=HELLO) -> int:
 # The schema, with a model whose answer is known
 
 
-def test_health_and_models(scripted):
+def test_health_and_models(scripted, tiny):
     client, _ = scripted
     assert client.get("/health").json() == {"status": "ok", "model": MODEL_ID}
+    health = make_client(*tiny, instance_id="abc").get("/health").json()  # start_server's id for its child
+    assert health == {"status": "ok", "model": MODEL_ID, "instance_id": "abc"}
     models = client.get("/v1/models").json()
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == [MODEL_ID]
     assert client.get(f"/v1/models/{MODEL_ID}").json()["object"] == "model"
@@ -173,7 +189,8 @@ def test_stream_text_never_sends_a_stop_string_in_part(tiny):
     # pieces are only ever appended: had "I" or "It i" been sent before the stop string was complete,
     # it would be part of this text
     assert "".join(piece for piece, _, _ in pieces) == "Paris is the capital. " and pieces[-1][1] == "stop"
-    assert len(pieces) > 10
+    assert len(pieces) == len("Paris is the capital. It is in")  # one per step (one byte token per step)
+    assert [piece for piece, _, _ in pieces[-8:]] == [""] * 8  # "It is in": held back, then dropped
 
 
 def test_held_back_chars():
@@ -214,7 +231,61 @@ def test_seeded_sampling_is_lesson_06s_sampler(tiny, tiny_client):
 
 
 # ------------------------------------------------------------------------------------------------
-# Bad requests
+# Bad requests: refused before the model runs, with a 4xx and OpenAI's error body
+
+
+def assert_error(r, status: int, param, code, type="invalid_request_error") -> dict:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert (error["type"], error["param"], error["code"]) == (type, param, code)
+    return error
+
+
+@pytest.mark.parametrize("body, param", [  # wrong types are refused, never converted (and 400, not 422)
+    ({"temperature": "0.5"}, "temperature"),
+    ({"temperature": True}, "temperature"),
+    ({"top_p": "1"}, "top_p"),
+    ({"max_tokens": 1.5}, "max_tokens"),
+    ({"max_tokens": 5.0}, "max_tokens"),
+    ({"max_tokens": "5"}, "max_tokens"),
+    ({"max_completion_tokens": True}, "max_completion_tokens"),
+    ({"stream": "yes"}, "stream"),
+    ({"stream": 1}, "stream"),
+    ({"n": "1"}, "n"),
+    ({"seed": 1.0}, "seed"),
+    ({"stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
+    ({"model": 5}, "model"),
+    ({"messages": "hi"}, "messages"),
+    ({"messages": [5]}, "messages[0]"),
+    ({"messages": [{"role": 5, "content": "hi"}]}, "messages[0].role"),
+])
+def test_wrong_types_are_400_with_the_param(tiny_client, body, param):
+    error = assert_error(post(tiny_client, **body), 400, param, "invalid_type")
+    assert param in error["message"]
+
+
+@pytest.mark.parametrize("body, param, code", [  # shapes checked by hand, not by pydantic
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "invalid_type"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages[0].content", "invalid_type"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages[0].content",
+     "invalid_type"),
+    ({"stop": 5}, "stop", "invalid_value"),
+    ({"stop": ["a", 5]}, "stop", "invalid_value"),
+    ({"stop": {"a": 1}}, "stop", "invalid_value"),
+    ({"messages": [{"content": "no role"}]}, "messages[0].role", "missing_required_parameter"),
+])
+def test_wrong_shapes_are_400_with_the_param(tiny_client, body, param, code):
+    assert_error(post(tiny_client, **body), 400, param, code)
+
+
+def test_a_body_that_is_not_a_json_object_is_400(tiny_client):
+    r = tiny_client.post("/v1/chat/completions", json={"messages": HELLO})
+    assert "'model'" in assert_error(r, 400, "model", "missing_required_parameter")["message"]
+    r = tiny_client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert_error(r, 400, None, "json_invalid")
+    assert_error(tiny_client.post("/v1/chat/completions", json=[1, 2]), 400, None, "invalid_type")
 
 
 @pytest.mark.parametrize("body, status, param, code", [
@@ -223,37 +294,299 @@ def test_seeded_sampling_is_lesson_06s_sampler(tiny, tiny_client):
     ({"max_tokens": -5}, 400, "max_tokens", "integer_below_min_value"),
     ({"max_tokens": 0}, 400, "max_tokens", "integer_below_min_value"),
     ({"max_completion_tokens": -1}, 400, "max_completion_tokens", "integer_below_min_value"),
+    ({"max_tokens": 513}, 400, "max_tokens", "integer_above_max_value"),  # the tiny model's context: 512
+    ({"max_tokens": 10**30}, 400, "max_tokens", "integer_above_max_value"),
     ({"temperature": 2.5}, 400, "temperature", "invalid_value"),
+    ({"temperature": -0.1}, 400, "temperature", "invalid_value"),
     ({"top_p": 0}, 400, "top_p", "invalid_value"),
+    ({"top_p": 1.5}, 400, "top_p", "invalid_value"),
     ({"n": 3}, 400, "n", "unsupported_value"),
+    ({"n": 0}, 400, "n", "unsupported_value"),
+    ({"seed": -1}, 400, "seed", "integer_below_min_value"),
+    ({"seed": 2**63}, 400, "seed", "integer_above_max_value"),
     ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "invalid_value"),
+    ({"stop": ""}, 400, "stop", "invalid_value"),
+    ({"stop": ["a", ""]}, 400, "stop", "invalid_value"),
+    ({"stop": "x" * (MAX_STOP_CHARS + 1)}, 400, "stop", "invalid_value"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role", "invalid_value"),
-    ({"max_tokens": 10**6}, 400, "messages", "context_length_exceeded"),
-    ({"messages": "hi"}, 422, "messages", "list_type"),
-    ({"max_tokens": "5"}, 422, "max_tokens", "int_type"),
-    ({"messages": [{"content": "no role"}]}, 422, "messages[0].role", "missing"),
+    ({"messages": [{"role": "tool", "content": "hi"}]}, 400, "messages[0].role", "invalid_value"),
 ])
-def test_bad_requests_get_4xx_with_an_openai_error_body(tiny_client, body, status, param, code):
-    r = post(tiny_client, **body)
-    assert r.status_code == status
-    error = r.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["type"] == "invalid_request_error"
-    assert (error["param"], error["code"]) == (param, code)
-    assert error["message"]
+def test_values_out_of_range_are_4xx_with_an_openai_error_body(tiny_client, body, status, param, code):
+    assert_error(post(tiny_client, **body), status, param, code)
 
 
-def test_missing_model_field_and_invalid_json_are_422(tiny_client):
-    r = tiny_client.post("/v1/chat/completions", json={"messages": HELLO})
-    assert r.status_code == 422 and r.json()["error"]["param"] == "model"
-    r = tiny_client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
-    assert r.status_code == 422 and r.json()["error"]["code"] == "json_invalid"
+def test_the_error_says_the_cap(tiny_client, scripted):
+    assert "[1, 512]" in assert_error(post(tiny_client, max_tokens=600), 400, "max_tokens",
+                                      "integer_above_max_value")["message"]
+    r = post(tiny_client, messages=[{"role": "user", "content": "hi"}] * (MAX_MESSAGES + 1), max_tokens=1)
+    assert f"at most {MAX_MESSAGES}" in assert_error(r, 400, "messages", "array_above_max_length")["message"]
+    r = post(tiny_client, messages=[{"role": "user", "content": "x" * (MAX_CONTENT_CHARS + 1)}])
+    error = assert_error(r, 400, "messages[0].content", "string_above_max_length")
+    assert f"at most {MAX_CONTENT_CHARS}" in error["message"]
+    client, _ = scripted  # a context of 4096 tokens, room for MAX_MESSAGES short messages
+    assert post(client, messages=[{"role": "user", "content": "hi"}] * MAX_MESSAGES, max_tokens=1).status_code == 200
+
+
+def test_nan_and_infinity_are_refused(tiny_client):
+    for name in ("temperature", "top_p"):
+        for value in ("NaN", "Infinity", "-Infinity"):
+            body = f'{{"model": "{MODEL_ID}", "messages": [{{"role": "user", "content": "hi"}}], "{name}": {value}}}'
+            r = tiny_client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+            assert_error(r, 400, name, "invalid_value")
+
+
+def test_bad_arguments_are_refused_before_a_stream_starts(tiny_client):
+    for body in ({"seed": 2**64}, {"temperature": "0.5"}, {"stop": [""]}, {"max_tokens": 10**6}):
+        r = post(tiny_client, stream=True, **body)
+        assert r.status_code == 400 and r.headers["content-type"] == "application/json" and "error" in r.json()
+
+
+def test_unknown_fields_are_ignored(scripted):
+    client, _ = scripted
+    r = post(client, temperature=0, max_tokens=100, frobnicate=[1, 2], user="me", logit_bias={"5": 1},
+             messages=[{"role": "user", "content": "hi", "name": "bob"}])
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == SCRIPT
+
+
+def test_the_prompt_size_is_checked_in_characters_before_tokenising(tiny, monkeypatch):
+    model, tokenizer = tiny
+    client = make_client(model, tokenizer)
+    # The tiny tokenizer's longest token is "<|endoftext|>", 13 characters: a prompt of 13 * 512 + 1
+    # characters needs more than the 512 positions, whatever its tokens.
+    assert max(len(t) for t in tokenizer.get_vocab()) == 13
+    monkeypatch.setattr(tokenizer, "apply_chat_template", lambda *a, **k: pytest.fail("tokenised"))
+    r = post(client, messages=[{"role": "user", "content": "x" * (13 * 512 + 1)}], max_tokens=1)
+    assert "characters" in assert_error(r, 400, "messages", "context_length_exceeded")["message"]
+    monkeypatch.undo()
+    # Under that bound, the exact check counts tokens (the byte tokenizer: one per character, plus the template)
+    messages = [{"role": "user", "content": "x" * 450}]
+    r = post(client, messages=messages, max_tokens=60)
+    needed = prompt_length(tokenizer, messages) + 60
+    assert f"you requested {needed} tokens" in assert_error(r, 400, "messages", "context_length_exceeded")["message"]
+    assert post(client, messages=messages, max_tokens=512 - prompt_length(tokenizer, messages)).status_code == 200
 
 
 def test_unknown_routes_and_models_are_404_in_openai_shape(tiny_client):
     for path in ("/v1/nothing-here", "/v1/models/gpt-17"):
         r = tiny_client.get(path)
         assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_the_openai_client_raises_bad_request_errors(tiny):
+    import openai
+
+    client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused", max_retries=0,
+                           http_client=make_client(*tiny))  # a TestClient is an httpx.Client
+    for extra in ({"temperature": "0.5"}, {"max_tokens": 1.5}, {"stream": "yes"}):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model=MODEL_ID, messages=HELLO, extra_body=extra)
+        assert err.value.status_code == 400 and err.value.body["param"] == next(iter(extra))
+
+
+# ------------------------------------------------------------------------------------------------
+# Hostile requests: too big, from a foreign page, many at once, abandoned
+
+
+def asgi_request(app, body_chunks, headers=(), host=b"127.0.0.1:8000", client=("127.0.0.1", 50000),
+                 hang_up=None) -> tuple[int, bytes]:
+    """POST /v1/chat/completions to the ASGI app directly, as uvicorn would: (status, response body).
+
+    body_chunks: bytes pulled one receive() at a time (a chunked upload). hang_up: an async function;
+    once it returns, the client disconnects (by default it waits for the answer)."""
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "query_string": b"",
+             "raw_path": b"/v1/chat/completions", "root_path": "", "client": client, "server": ("127.0.0.1", 8000),
+             "headers": [(b"content-type", b"application/json"), *([(b"host", host)] if host else []), *headers]}
+    chunks, body_done, sent = iter(body_chunks), False, []
+
+    async def receive():
+        nonlocal body_done
+        chunk = next(chunks, None)
+        if chunk is not None:
+            return {"type": "http.request", "body": chunk, "more_body": True}
+        if not body_done:
+            body_done = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await (hang_up() if hang_up else asyncio.sleep(3600))
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+
+def request_bytes(**body) -> bytes:
+    return json.dumps({"model": MODEL_ID, "messages": HELLO, **body}).encode()
+
+
+def test_a_body_over_the_limit_is_413_by_content_length_without_being_read(tiny_client):
+    r = tiny_client.post("/v1/chat/completions", content=b"x" * (MAX_BODY_BYTES + 1),
+                         headers={"content-type": "application/json"})
+    error = assert_error(r, 413, None, "request_too_large")
+    assert str(MAX_BODY_BYTES) in error["message"]
+    app = tiny_client.app
+    pulled = []
+    status, _ = asgi_request(app, (pulled.append(1) or b"x" for _ in range(10)),
+                             headers=[(b"content-length", str(MAX_BODY_BYTES + 1).encode())])
+    assert status == 413 and pulled == []  # refused on the header alone
+    # a big but allowed body goes through
+    content = request_bytes(max_tokens=1)[:-1] + b" " * (MAX_BODY_BYTES - len(request_bytes(max_tokens=1))) + b"}"
+    assert len(content) == MAX_BODY_BYTES
+    assert tiny_client.post("/v1/chat/completions", content=content,
+                            headers={"content-type": "application/json"}).status_code == 200
+
+
+def test_a_chunked_body_is_not_read_past_the_limit(tiny_client):
+    chunk = 64 * 1024
+    pulled = 0
+
+    def big_body():  # 4 MiB, no Content-Length: only the bytes read can tell
+        nonlocal pulled
+        while pulled < 4 * MAX_BODY_BYTES:
+            pulled += chunk
+            yield b" " * chunk
+
+    status, body = asgi_request(tiny_client.app, big_body())
+    assert status == 413 and json.loads(body)["error"]["code"] == "request_too_large"
+    assert MAX_BODY_BYTES < pulled <= MAX_BODY_BYTES + chunk
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.1:8000", "localhost:1234", "LOCALHOST", "[::1]:8000",
+                                  "[::1]", "127.0.0.2:80"])
+def test_loopback_host_headers_are_served(tiny_client, host):
+    assert tiny_client.get("/health", headers={"host": host}).status_code == 200
+
+
+@pytest.mark.parametrize("host", ["attacker.example", "attacker.example:8000", "localhost.attacker.example",
+                                  "127.0.0.1.nip.io", "192.168.1.10:8000", "0.0.0.0:8000", "::1", "[::1]x",
+                                  "127.0.0.1:80x", "127.0.0.1@evil", ""])
+def test_other_host_headers_are_refused_dns_rebinding(tiny_client, host):
+    assert_error(tiny_client.get("/health", headers={"host": host}), 400, "Host", "invalid_host")
+    r = tiny_client.post("/v1/chat/completions", json={"model": MODEL_ID, "messages": HELLO}, headers={"host": host})
+    assert_error(r, 400, "Host", "invalid_host")
+
+
+def test_the_testclient_host_is_allowed_only_in_process(tiny):
+    from fastapi.testclient import TestClient
+
+    app = create_app(*tiny)
+    assert TestClient(app).get("/health").status_code == 200  # Host "testserver", client "testclient"
+    ok = [request_bytes(max_tokens=1)]
+    assert asgi_request(app, ok)[0] == 200
+    assert asgi_request(app, ok, host=b"testserver")[0] == 400  # from a real client address
+    assert asgi_request(app, ok, host=None)[0] == 400  # no Host (HTTP/1.0)
+    assert asgi_request(app, ok, headers=[(b"host", b"attacker.example")])[0] == 400  # two Host headers
+
+
+def test_health_answers_while_requests_wait_for_the_model(tiny):
+    from fastapi.testclient import TestClient
+
+    _, tokenizer = tiny
+    app = create_app(ScriptedLM(tokenizer, SCRIPT), tokenizer)
+    statuses, health = [], {}
+
+    def get_health():
+        start = time.perf_counter()
+        health["status"] = client.get("/health").status_code
+        health["seconds"] = time.perf_counter() - start
+
+    with TestClient(app, base_url="http://127.0.0.1:8000") as client:  # one event loop for all requests
+        with app.state.step_lock:  # the model is busy: every generation waits for it
+            waiting = [threading.Thread(target=lambda: statuses.append(post(client, max_tokens=2).status_code))
+                       for _ in range(48)]
+            for thread in waiting:
+                thread.start()
+            time.sleep(0.5)  # let them reach the lock and fill the worker threads
+            probe = threading.Thread(target=get_health)
+            probe.start()
+            probe.join(5)  # (a /health stuck behind the generations would only answer once the lock is free)
+            finished_while_busy = list(statuses)
+        for thread in [probe, *waiting]:
+            thread.join(30)
+    assert health["status"] == 200 and health["seconds"] < 1.0
+    assert finished_while_busy == [] and statuses == [200] * 48
+
+
+class SlowScriptedLM(ScriptedLM):
+    """ScriptedLM that counts its forward passes, takes `delay` s each, and can fail at pass `fail_at`."""
+
+    def __init__(self, tokenizer, text, delay=0.0, fail_at=None):
+        super().__init__(tokenizer, text)
+        self.delay, self.fail_at, self.steps = delay, fail_at, 0
+
+    def forward(self, *args, **kwargs):
+        self.steps += 1
+        if self.steps == self.fail_at:
+            raise RuntimeError("the accelerator fell off the bus")
+        time.sleep(self.delay)
+        return super().forward(*args, **kwargs)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_generation_stops_when_the_client_disconnects(tiny, stream):
+    _, tokenizer = tiny
+    model = SlowScriptedLM(tokenizer, "ab" * 300, delay=0.01)  # 600 tokens: 6 s if nobody stops it
+    app = create_app(model, tokenizer)
+
+    async def hang_up_after_3_steps():
+        while model.steps < 3:
+            await asyncio.sleep(0.005)
+
+    asgi_request(app, [request_bytes(max_tokens=500, temperature=0, stream=stream)], hang_up=hang_up_after_3_steps)
+    time.sleep(0.2)  # a streamed generation may finish its current step in its worker thread
+    assert 3 <= model.steps < 30
+
+
+def test_temperature_1e_40_is_greedy_not_an_error(tiny_client):
+    greedy = post(tiny_client, temperature=0, max_tokens=12).json()["choices"][0]["message"]["content"]
+    for body in ({}, {"top_p": 0.5}):
+        r = post(tiny_client, temperature=1e-40, seed=0, max_tokens=12, **body)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == greedy
+    assert streamed(tiny_client, temperature=1e-40, seed=0, max_tokens=12)[0] == greedy
+
+
+@pytest.mark.parametrize("script, stop, expected", [
+    (SCRIPT, "France.", "Paris is the capital. It is in "),  # the stop string is the very end of the text
+    (SCRIPT, ". It", "Paris is the capital"),                   # across words, one token per byte
+    (SCRIPT, "capital!", SCRIPT),                               # "capital" is held back, then released
+    ("Un café au lait.", "é au", "Un caf"),                     # "é" is two byte tokens
+    ("Un café au lait.", "au lait.", "Un café "),
+])
+def test_no_part_of_a_stop_string_reaches_the_client(tiny, script, stop, expected):
+    _, tokenizer = tiny
+    client = make_client(ScriptedLM(tokenizer, script), tokenizer)
+    choice = post(client, temperature=0, max_tokens=100, stop=stop).json()["choices"][0]
+    assert choice["message"]["content"] == expected and choice["finish_reason"] == "stop"
+    text, chunks = streamed(client, temperature=0, max_tokens=100, stop=[stop])
+    pieces = [c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]]
+    assert text == expected  # pieces are only appended: a sent piece of the stop string would be here
+    assert all(stop not in "".join(pieces[i:]) for i in range(len(pieces)))
+
+
+def test_a_failure_mid_stream_ends_with_an_error_event_and_done(tiny):
+    import openai
+
+    _, tokenizer = tiny
+    model = SlowScriptedLM(tokenizer, SCRIPT, fail_at=5)  # 4 passes, 4 tokens, then an error
+    client = make_client(model, tokenizer)
+    r = post(client, stream=True, temperature=0, max_tokens=50)
+    assert r.status_code == 200
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["type"] == "server_error" and "RuntimeError" in error["message"]
+    assert "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-2]) == SCRIPT[:4]
+    model.steps = 0
+    api = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused", max_retries=0, http_client=client)
+    with pytest.raises(openai.APIError, match="RuntimeError"):
+        for _ in api.chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=50, stream=True):
+            pass
+    model.steps = 0
+    error = assert_error(post(client, temperature=0, max_tokens=50), 500, None, None, type="server_error")
+    assert "RuntimeError" in error["message"]  # the kind of failure, not its details
 
 
 # ------------------------------------------------------------------------------------------------
@@ -308,16 +641,26 @@ def test_smollm2_greedy_answer_plain_and_streamed_is_what_transformers_generate_
 
 
 @pytest.mark.slow
-def test_subprocess_server_with_the_openai_client():
+def test_subprocess_server_with_the_openai_client(monkeypatch):
+    import httpx
     import openai
     import psutil
-    server = start_server()
+
+    from utils.server_process import free_port, read_health
+
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{free_port()}")  # a proxy that is not there
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    server = start_server()  # its probe goes straight to 127.0.0.1 anyway
     try:
         assert server.running() and server.base_url.startswith("http://127.0.0.1:")
+        assert read_health(server.url) == {"status": "ok", "model": MODEL_ID, "instance_id": server.instance_id}
         listening = [c for c in psutil.Process(server.pid).net_connections(kind="inet")
                      if c.status == psutil.CONN_LISTEN]
         assert listening and all(c.laddr.ip == "127.0.0.1" for c in listening)  # loopback only
-        client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+        client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0,
+                               http_client=httpx.Client(trust_env=False, timeout=60))
         reply = client.chat.completions.create(model=MODEL_ID, messages=HELLO, temperature=0, max_tokens=8)
         assert reply.choices[0].message.content and reply.usage.completion_tokens <= 8
         pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(

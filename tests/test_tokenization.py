@@ -11,14 +11,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from utils import tokenization
+from utils.token_display import bytes_to_unicode, token_pieces, tokens_html
 from utils.tokenization import (
     GPT2_SPLIT_PATTERN,
     GPT4_SPLIT_PATTERN,
     BPETokenizer,
-    bytes_to_unicode,
     merge_pair,
-    token_pieces,
-    tokens_html,
 )
 
 SAMPLE = (
@@ -167,6 +166,104 @@ def test_load_refuses_broken_files(tmp_path):
                                "pattern": GPT4_SPLIT_PATTERN, "merges": [[1, 999]]}))
     with pytest.raises(ValueError, match="merge 0 must be two ids of earlier tokens"):
         BPETokenizer.load(bad)
+
+
+def _write(path, **changes):
+    state = {"format": "llm-course byte-level BPE", "version": 1, "pattern": GPT4_SPLIT_PATTERN,
+             "merges": [], "special_tokens": {}}
+    state.update(changes)
+    path.write_text(json.dumps(state), encoding="utf-8")
+    return path
+
+
+def test_a_doubling_merge_chain_is_refused_before_it_allocates(tmp_path):
+    """Merge k joins token 255 + k with itself: 40 merges would ask for a 2**40-byte token."""
+    doubling = [[97, 97]] + [[255 + k, 255 + k] for k in range(1, 40)]
+    path = _write(tmp_path / "bomb.json", merges=doubling)
+    assert path.stat().st_size < 1000  # under a kilobyte, with GPT-4's pattern spelled out
+    with pytest.raises(ValueError, match=f"merge 8 makes a token of 512 bytes; tokens are at most "
+                                         f"{tokenization.MAX_TOKEN_BYTES} bytes"):
+        BPETokenizer.load(path)
+    ok = _write(tmp_path / "ok.json", merges=doubling[:8])  # 256 bytes: the limit itself is fine
+    assert max(len(b) for b in BPETokenizer.load(ok).vocab.values()) == 256
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"merges": [[97, 98]] * 2}, "merge 1 repeats the earlier merge"),
+    ({"merges": [[97, True]]}, "merge 0 must be two ids"),
+    ({"merges": [[97, 98, 99]]}, "merge 0 must be two ids"),
+    ({"merges": {"a": 1}}, "'merges' must be a list"),
+    ({"pattern": None}, "'pattern' must be a str"),
+    ({"special_tokens": [["<|x|>", 300]]}, "'special_tokens' must be a dict"),
+    ({"special_tokens": {"<|x|>": 2**40}}, "special token id must be at most"),
+    ({"special_tokens": {"x" * 300: 300}}, "special token must be at most 256 bytes"),
+    ({"special_tokens": {f"<|{i}|>": 300 + i for i in range(1001)}}, "at most 1000 special tokens"),
+])
+def test_malformed_tokenizer_files_are_refused_with_the_reason(tmp_path, changes, match):
+    with pytest.raises(ValueError, match=match):
+        BPETokenizer.load(_write(tmp_path / "t.json", **changes))
+
+
+def test_missing_keys_and_huge_files_are_value_errors(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"format": "llm-course byte-level BPE", "version": 1}))
+    with pytest.raises(ValueError, match=r"'pattern' must be a str, got NoneType \(missing\)"):
+        BPETokenizer.load(path)
+    with pytest.raises(ValueError, match="100,001 merges; at most 100,000"):
+        BPETokenizer.load(_write(path, merges=[[0, 0]] * 100_001))
+    path.write_text("[" * 100_000 + "]" * 100_000)  # nesting deeper than the JSON parser's recursion
+    with pytest.raises(ValueError, match="not a JSON tokenizer file"):
+        BPETokenizer.load(path)
+    path.write_text(" " * (tokenization.MAX_FILE_BYTES + 1))
+    with pytest.raises(ValueError, match="a tokenizer file is at most"):
+        BPETokenizer.load(path)
+
+
+def test_a_pattern_that_loses_text_is_refused(tmp_path):
+    """[a-z]+ would encode "Hello World 42" as "elloorld": text silently lost."""
+    with pytest.raises(ValueError, match="pattern loses text"):
+        BPETokenizer(pattern="[a-z]+")
+    path = _write(tmp_path / "lossy.json", pattern="[a-z]+")
+    with pytest.raises(ValueError, match="neither GPT2_SPLIT_PATTERN nor GPT4_SPLIT_PATTERN"):
+        BPETokenizer.load(path)
+    with pytest.raises(ValueError, match="pattern loses text"):
+        BPETokenizer.load(path, allow_custom_pattern=True)
+    with pytest.raises(ValueError, match="capture groups"):
+        BPETokenizer(pattern=r"(\S+)|(\s+)")
+
+
+def test_a_custom_pattern_is_accepted_only_when_asked_and_lossless(tmp_path):
+    words_or_not = r"\w+|\W+"  # covers every character: lossless, though not GPT's
+    path = _write(tmp_path / "custom.json", pattern=words_or_not, merges=[[104, 101]])
+    with pytest.raises(ValueError, match="allow_custom_pattern=True"):
+        BPETokenizer.load(path)
+    tok = BPETokenizer.load(path, allow_custom_pattern=True)
+    text = "Hello World 42, naïve 東京 🙂\r\n"
+    assert tok.decode(tok.encode(text)) == text and tok.encode("he") == [256]
+
+
+def test_a_custom_pattern_that_skips_text_beyond_the_probe_is_caught_at_encode():
+    """The probe cannot contain every character: encode checks that the pieces tile the text."""
+    no_euro = r"[^€]+"  # covers the probe, drops every euro sign
+    tok = BPETokenizer(pattern=no_euro)
+    assert tok.decode(tok.encode("costs 5 dollars")) == "costs 5 dollars"
+    with pytest.raises(ValueError, match="skipped characters"):
+        tok.encode("costs 5 €")
+
+
+def test_a_catastrophically_backtracking_pattern_is_refused_within_the_time_limit():
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="catastrophic backtracking"):
+        BPETokenizer(pattern=r"(?:a|aa)+$|[^a]+|a")  # exponential on a run of a's followed by "!"
+    # the regex module looks at its clock now and then: ~2 s for the 1 s limit on a busy machine
+    assert time.perf_counter() - start < 10 * tokenization.PATTERN_PROBE_TIMEOUT_S
+
+
+def test_training_never_makes_a_token_longer_than_the_file_limit():
+    tok = BPETokenizer().train("a" * 5000, vocab_size=300)  # one 5000-letter chunk: doubling merges
+    assert max(len(b) for b in tok.vocab.values()) == tokenization.MAX_TOKEN_BYTES
+    with pytest.raises(ValueError, match="vocab_size must be at most 100256"):
+        BPETokenizer().train("hello", vocab_size=100_257)
 
 
 def test_bad_input(tok):

@@ -112,6 +112,22 @@ def test_bad_configs_raise_value_errors():
         TrainConfig(beta2=1.0)
 
 
+@pytest.mark.parametrize("field, value, error", [
+    ("lr", math.inf, ValueError), ("lr", math.nan, ValueError), ("min_lr", math.nan, ValueError),
+    ("grad_clip", math.nan, ValueError), ("grad_clip", math.inf, ValueError), ("grad_clip", -1.0, ValueError),
+    ("weight_decay", math.inf, ValueError), ("lr", "1e-3", TypeError), ("seed", -1, ValueError),
+])
+def test_non_finite_and_out_of_range_hyper_parameters_are_refused(field, value, error):
+    with pytest.raises(error, match=field):
+        TrainConfig(**{field: value})
+
+
+@pytest.mark.parametrize("step, error", [(-5, ValueError), (-1, ValueError), (2.5, TypeError), (True, TypeError)])
+def test_lr_at_refuses_a_step_it_has_no_rate_for(step, error):
+    with pytest.raises(error, match="step"):
+        lr_at(step, TrainConfig())
+
+
 def test_perplexity_of_a_uniform_guess_is_the_vocabulary_size():
     assert perplexity_from_loss(math.log(65)) == pytest.approx(65)
     with pytest.raises(ValueError):

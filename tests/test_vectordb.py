@@ -133,6 +133,32 @@ def test_memory_arithmetic():
     assert 56e9 < pq < 57e9  # 48-byte codes + 8-byte ids per vector: ~56 GB
 
 
+@pytest.mark.parametrize("args, kwargs, error, match", [
+    ((-5,), {}, ValueError, r"n \(number of vectors\) must be an int >= 0"),
+    ((1.5e6,), {}, TypeError, r"n \(number of vectors\) must be an int"),
+    ((10, 0), {}, ValueError, r"d \(dimension\) must be a positive int"),
+    ((10, -384), {}, ValueError, r"d \(dimension\) must be a positive int"),
+    ((10, 384, "hnsw"), {"M": -32}, ValueError, "M must be a positive int"),
+    ((10, 384, "ivf"), {"nlist": 0}, ValueError, "nlist must be a positive int"),
+    ((10, 384, "ivfpq"), {"nbits": 40}, ValueError, "nbits must be an int between 1 and 24"),
+    ((10, 384, "ivfpq"), {"m": 0}, ValueError, "m must be a positive int"),
+    ((10, 384, "ivfpq"), {"m": 7}, ValueError, "must divide the dimension 384"),
+    (("10",), {}, TypeError, "must be an int"),
+])
+def test_memory_arithmetic_refuses_impossible_sizes(args, kwargs, error, match):
+    """memory_estimate(-5) used to answer -7680 bytes."""
+    with pytest.raises(error, match=match):
+        vdb.memory_estimate(*args, **kwargs)
+
+
+def test_flat_bytes_refuses_negative_sizes():
+    assert vdb.flat_bytes(0, 384) == 0
+    with pytest.raises(ValueError, match="n \\(number of vectors\\) must be an int >= 0"):
+        vdb.flat_bytes(-1, 384)
+    with pytest.raises(ValueError, match="bytes_per_value must be a positive int"):
+        vdb.flat_bytes(10, 384, bytes_per_value=0)
+
+
 def test_synthetic_topup_keeps_real_rows_and_unit_length(data):
     xb, _ = data
     real = xb[:200]

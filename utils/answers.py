@@ -37,9 +37,13 @@ def mentions_any(reply: str, aliases) -> bool:
     """Does the reply contain any accepted answer (normalised, whole words)?
 
     Example: mentions_any("The answer is 42.", ["42", "forty-two"]) -> True; ("It is 142", ["42"]) -> False.
-    aliases must be a list of non-empty strings (one string alone is refused: its letters would each match).
+    aliases must be a list of strings with a letter or digit each (one string alone is refused: its
+    letters would each match; so is "" or "." which would match almost anything).
     """
     aliases = check_text_list("aliases", aliases)
+    for i, alias in enumerate(aliases):
+        if not any(c.isalnum() for c in alias):  # "." or "-" alone would be found in almost any reply
+            raise ValueError(f"aliases[{i}] must contain a letter or a digit, got {alias!r}")
     plain = normalize_text(check_text("reply", reply, allow_empty=True))
     for alias in aliases:
         pattern = re.escape(normalize_text(alias))
@@ -114,6 +118,7 @@ def normalize_answer(text: str, max_words: int = 8) -> str:
 
     Example: "Paris, of course!\\nMore text" -> "paris of course".
     """
+    check_text("text", text, allow_empty=True)
     max_words = check_int("max_words", max_words, low=1)
     line = normalize_text(text.strip().split("\n")[0] if text.strip() else "")
     words = re.sub(r"[^\w\s]", " ", line).split()
@@ -151,6 +156,10 @@ def check_shape(obj, fields: dict) -> list[str]:
     [] when it fits. Example: check_shape({"n": "2"}, {"n": int}) -> ["n should be an integer, got '2'"]."""
     if not isinstance(fields, dict) or not fields:
         raise TypeError(f"fields must be a non-empty dict of name -> int, str or a list of values, got {fields!r}")
+    for name, kind in fields.items():
+        if kind is not int and kind is not str and not isinstance(kind, (list, tuple)):
+            # anything else ("int", float, a dict) would silently check nothing
+            raise TypeError(f"fields[{name!r}] must be int, str or a list of allowed values, got {kind!r}")
     if not isinstance(obj, dict):
         return [f"not a JSON object: {obj!r}"]
     problems = [f"missing key {k!r}" for k in fields if k not in obj]

@@ -36,12 +36,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils.checkpoints import read_json_object, require_keys, safetensors_header
 from utils.checks import check_number, check_positive_int, check_text_list
 from utils.generation import pad_token_id
 from utils.model_surgery import is_linear, replace_linear
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+MAX_LORA_RANK = 1024  # LoRA ranks in practice are 4-256; a file asking for more is refused before allocating
 
 
 def check_lora_args(r, alpha, dropout) -> None:
@@ -199,33 +201,80 @@ def save_lora(model: nn.Module, folder, base_model: str = "HuggingFaceTB/SmolLM2
     return folder
 
 
+def _check_adapter_config(config: dict, where: str) -> dict:
+    """adapter_config.json's keys, types and bounds; features we do not implement are refused, not ignored."""
+    require_keys(config, ("peft_type", "r", "lora_alpha", "target_modules"), where)
+    if config["peft_type"] != "LORA":
+        raise ValueError(f"{where} is not a LoRA adapter config (peft_type={config['peft_type']!r})")
+    check_lora_args(config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0))
+    if config["r"] > MAX_LORA_RANK:
+        raise ValueError(f"{where}: r={config['r']} is above the largest rank this loader accepts, "
+                         f"{MAX_LORA_RANK}")
+    targets = config["target_modules"]
+    if (not isinstance(targets, list) or not 1 <= len(targets) <= 64
+            or not all(isinstance(t, str) and t.isidentifier() for t in targets)):
+        raise ValueError(f"{where}: target_modules must be a list of 1 to 64 module names, got {targets!r}"[:300])
+    # peft options that change what the adapter computes (DoRA, rank-stabilised scaling, per-layer
+    # ranks, extra trained modules...): loading the file without them would silently give other
+    # outputs, so a file that turns one on is refused. (None, False, [] and {} mean "off".)
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"{where} sets bias={config['bias']!r}; this LoRA trains no biases (only 'none')")
+    for key in ("use_dora", "use_rslora", "use_qalora", "fan_in_fan_out", "lora_bias", "modules_to_save",
+                "exclude_modules", "layers_to_transform", "rank_pattern", "alpha_pattern", "layer_replication",
+                "target_parameters", "trainable_token_indices", "alora_invocation_tokens"):
+        if config.get(key):
+            raise ValueError(f"{where} sets {key}={config[key]!r}, which this LoRA does not implement"[:300])
+    return config
+
+
 def load_lora(model: nn.Module, folder) -> nn.Module:
-    """Add adapters as described by folder/adapter_config.json and load their weights (safetensors only)."""
+    """Add adapters as described by folder/adapter_config.json and load their weights (safetensors only).
+
+    Both files are checked before anything is allocated: the config's keys and bounds, then every
+    tensor's name, shape and dtype in the safetensors header. A model that already has adapters is
+    accepted only if they have the file's r and alpha on the same layers (else remove_lora first).
+    """
     from safetensors.torch import load_file
 
     folder = Path(folder)
     config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
     if not config_path.is_file() or not weights_path.is_file():
         raise FileNotFoundError(f"{folder} must contain {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
-    config = json.loads(config_path.read_text())
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"{config_path} is not a LoRA adapter config (peft_type={config.get('peft_type')!r})")
-    if not lora_layers(model):
-        add_lora(model, config["target_modules"], config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0))
-    state = load_file(str(weights_path))
-    expected = lora_state_dict(model)
-    if set(state) != set(expected):
-        raise ValueError(f"the adapter file does not fit this model: missing {sorted(set(expected) - set(state))[:3]}, "
-                         f"unexpected {sorted(set(state) - set(expected))[:3]}")
-    for name, layer in lora_layers(model).items():
-        for part in ("lora_A", "lora_B"):
-            tensor = state[f"base_model.model.{name}.{part}.weight"]
-            param = getattr(layer, part)
-            if tensor.shape != param.shape:
-                raise ValueError(f"{name}.{part} has shape {tuple(tensor.shape)} in the file, "
-                                 f"{tuple(param.shape)} in the model")
-            with torch.no_grad():
-                param.copy_(tensor)
+    config = _check_adapter_config(read_json_object(config_path, max_bytes=1_000_000), str(config_path))
+    r, alpha, targets = config["r"], config["lora_alpha"], config["target_modules"]
+    existing = lora_layers(model)
+    if existing:
+        adapted = sorted({name.rsplit(".", 1)[-1] for name in existing})
+        if adapted != sorted(set(targets)) or any((m.r, m.alpha) != (r, alpha) for m in existing.values()):
+            first = next(iter(existing.values()))
+            raise ValueError(f"the model already has LoRA adapters (r={first.r}, alpha={first.alpha} on "
+                             f"{adapted}) that do not match the file's (r={r}, alpha={alpha} on "
+                             f"{sorted(set(targets))}): remove_lora(model) first")
+        expected = {n: tuple(t.shape) for n, t in lora_state_dict(model).items()}
+    else:  # the tensors add_lora would create, computed without creating them
+        layers = {name: m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in targets}
+        if not layers or not all(is_linear(m) for m in layers.values()):
+            raise ValueError(f"{config_path} targets {targets}, but the model's linear layers are "
+                             f"{linear_module_names(model)}")
+        expected = {}
+        for name, m in layers.items():
+            expected[f"base_model.model.{name}.lora_A.weight"] = (r, m.in_features)
+            expected[f"base_model.model.{name}.lora_B.weight"] = (m.out_features, r)
+    header = safetensors_header(weights_path)
+    if set(header) != set(expected):
+        raise ValueError(f"the adapter file does not fit this model: missing {sorted(set(expected) - set(header))[:3]}, "
+                         f"unexpected {sorted(set(header) - set(expected))[:3]}")
+    for name, (shape, dtype) in header.items():
+        if shape != expected[name] or dtype not in ("F32", "F16", "BF16"):
+            raise ValueError(f"{name} has shape {list(shape)} ({dtype}) in the file, {list(expected[name])} "
+                             "(a float tensor) in the model")
+    if not existing:
+        add_lora(model, targets, r, alpha, config.get("lora_dropout", 0.0))
+    state = load_file(str(weights_path))  # every tensor checked above: no surprise allocation
+    with torch.no_grad():
+        for name, layer in lora_layers(model).items():
+            for part in ("lora_A", "lora_B"):
+                getattr(layer, part).copy_(state[f"base_model.model.{name}.{part}.weight"])
     return model
 
 

@@ -10,10 +10,13 @@ The pipeline of lesson 09, one function per step:
     Retriever.retrieve            query -> [Hit(text, source, score)], best first
     grounded_messages / answer    question + hits -> a chat prompt with numbered passages -> the
                                   model's answer with [n] citations, or "I don't know" when even the
-                                  best passage scores below a threshold
-    hit_at_k / mrr / evaluate_retrieval, citations   the measurements (answers are scored with
-                                  utils.answers: mentions_any, is_abstention)
-    looks_like_injection          a crude filter for passages that give the model orders
+                                  best passage scores below a threshold. By default the passages are
+                                  fenced in <passage> tags under a prompt that says they are data,
+                                  and passages that give the model orders are dropped first
+                                  (utils.injection: looks_like_injection, escape_passage); lesson 09
+                                  shows the undefended pipeline with guard=False, filter_injections=False
+    citations                     the [n] a reply cites (retrieval is measured by
+                                  utils.retrieval_metrics, answers by utils.answers)
 
 `Hit.score` is always the cosine similarity between the query and the chunk, whatever ranked it,
 so a threshold on it means the same thing with and without the BM25 fusion.
@@ -23,7 +26,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +33,10 @@ import numpy as np
 
 from .bm25 import BM25
 from .checks import check_choice, check_number, check_positive_int, check_text, check_text_list
-from .chunking import chunk_document, chunk_text  # noqa: F401  (chunk_text: utils.rag's public API)
+from .chunking import CHUNKINGS, check_chunk_sizes, chunk_document
+from .chunking import chunk_text as chunk_text  # utils.rag's public API (DESIGN.md)
 from .embedding_cache import embed, embedder_fingerprint
+from .injection import escape_passage, looks_like_injection
 
 IDK = "I don't know."  # what answer() returns when retrieval finds nothing relevant enough
 DEFAULT_MIN_SCORE = 0.20  # cosine threshold of the "I don't know" path; lesson 09 measures it
@@ -49,6 +53,36 @@ class Hit:
     source: str
     score: float
 
+    def __post_init__(self):
+        check_text("text", self.text, allow_empty=True)
+        check_text("source", self.source, allow_empty=True)
+        check_number("score", self.score)  # finite: a NaN score would sort anywhere
+
+
+def _check_flag(name: str, value) -> bool:
+    """True or False only: a string like "no" would otherwise count as True."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def _check_vectors(name: str, vectors, unit: bool = True) -> np.ndarray:
+    """A 2-D array (n, d) of finite numbers, n >= 1, as float32; with unit=True every row has length 1."""
+    if not isinstance(vectors, np.ndarray) or vectors.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be a numpy array of numbers, got {type(vectors).__name__}"
+                        f"{' of ' + str(vectors.dtype) if isinstance(vectors, np.ndarray) else ''}")
+    if vectors.ndim != 2 or vectors.shape[0] < 1 or vectors.shape[1] < 1:
+        raise ValueError(f"{name} must have shape (n, d) with n, d >= 1, got {vectors.shape}")
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if not np.isfinite(vectors).all():
+        raise ValueError(f"{name} has NaN or inf values: all values must be finite")
+    if unit:
+        norms = np.linalg.norm(vectors, axis=1)
+        if np.abs(norms - 1).max() > 1e-3:  # inner product = cosine only for unit vectors
+            raise ValueError(f"every row of {name} must have length 1 (inner product = cosine); got lengths "
+                             f"from {norms.min():.3g} to {norms.max():.3g}: normalise them (embed() does)")
+    return vectors
+
 
 # ----------------------------------------------------------------------------------------------
 # The retriever
@@ -59,6 +93,7 @@ def make_faiss_index(vectors: np.ndarray, index: str = "flat"):
     import faiss
 
     check_choice("index", index, RETRIEVER_INDEXES)
+    vectors = _check_vectors("vectors", vectors)
     d = vectors.shape[1]
     if index == "flat":
         idx = faiss.IndexFlatIP(d)  # exact: compares the query with every vector
@@ -85,16 +120,19 @@ class Retriever:
 
     def __init__(self, chunks: list[str], sources: list[str], embeddings: np.ndarray, embedder,
                  index: str = "flat", hybrid: bool = False):
-        if not chunks:
+        if isinstance(chunks, (list, tuple)) and not chunks:
             raise ValueError("the knowledge base is empty: give at least one non-empty document")
+        chunks = check_text_list("chunks", chunks)
+        sources = check_text_list("sources", sources, allow_empty_items=True)
+        embeddings = _check_vectors("embeddings", embeddings)  # (n, d), unit rows
         check_choice("index", index, RETRIEVER_INDEXES)
         if len(chunks) != len(sources) or len(chunks) != len(embeddings):
             raise ValueError(f"chunks ({len(chunks)}), sources ({len(sources)}) and embeddings "
                              f"({len(embeddings)}) must have the same length")
-        self.chunks, self.sources = list(chunks), list(sources)
-        self.embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)  # (n, d), unit rows
+        self.chunks, self.sources = chunks, sources
+        self.embeddings = embeddings
         self.dim = self.embeddings.shape[1]
-        self.embedder, self.index_kind, self.hybrid = embedder, index, hybrid
+        self.embedder, self.index_kind, self.hybrid = embedder, index, _check_flag("hybrid", hybrid)
         self.index = make_faiss_index(self.embeddings, index)
         self.bm25 = BM25(self.chunks) if hybrid else None
 
@@ -113,10 +151,14 @@ class Retriever:
         """The k best chunks for an already embedded query (shape (d,), unit length); `query` (its
         text) is needed for the BM25 half of a hybrid search. Shown in lesson 09."""
         k = check_positive_int("k", k, what=" (how many hits to return)")
-        vector = np.asarray(vector, dtype=np.float32)
+        if query is not None:
+            check_text("query", query)
+        if not isinstance(vector, np.ndarray) or vector.dtype.kind not in "fiu":
+            raise TypeError(f"the query vector must be a numpy array of numbers, got {type(vector).__name__}")
         if vector.shape != (self.dim,):
             raise ValueError(f"the query vector must have shape ({self.dim},) to match the index, "
                              f"got {vector.shape}")
+        vector = _check_vectors("the query vector", vector[None, :])[0]
         k = min(k, len(self))
         depth = min(max(k, self.CANDIDATES), len(self)) if self.hybrid else k
         _, ids = self.index.search(vector[None, :], depth)  # (1, depth) scores and ids
@@ -146,15 +188,14 @@ class Retriever:
         return [self.search_vector(v, k, query=q) for v, q in zip(vectors, queries)]
 
     def save(self, folder: str | Path) -> Path:
-        """Write the retriever to a folder: index.faiss, embeddings.npy, chunks.json (no pickle).
+        """Write the retriever to a folder: embeddings.npy and chunks.json (no pickle).
 
-        Shown in lesson 09."""
-        import faiss
-
+        No FAISS index file: load() rebuilds the index from the stored vectors, so index and
+        vectors always agree (and FAISS's reader, which sizes its arrays from numbers in the
+        file, never sees a file from elsewhere). Shown in lesson 09."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        faiss.write_index(self.index, str(folder / "index.faiss"))
-        np.save(folder / "embeddings.npy", self.embeddings)
+        np.save(folder / "embeddings.npy", self.embeddings)  # (n, dim) float32
         meta = {"chunks": self.chunks, "sources": self.sources, "index": self.index_kind,
                 "hybrid": self.hybrid, "dim": self.dim,
                 "embedder_fingerprint": embedder_fingerprint(self.embedder) if self.embedder is not None else None}
@@ -163,28 +204,64 @@ class Retriever:
 
     @classmethod
     def load(cls, folder: str | Path, embedder=None) -> Retriever:
-        """Read a folder written by save(). The embedder must be the model the vectors came from.
+        """Read a folder written by save(), checking that its parts agree before using them.
 
-        Shown in lesson 09."""
-        import faiss
+        chunks.json: chunks and sources, lists of strings of one length; embeddings.npy: its header
+        must say float32 (len(chunks), dim) and the file must be that big before the vectors are
+        read; the embedder must be the model the vectors came from (same fingerprint, same
+        dimension). The constructor then checks the vectors (finite, unit length) and builds the
+        index and BM25 afresh. Shown in lesson 09."""
+        from .checkpoints import read_json_object, require_keys
 
+        max_json_bytes, max_dim = 200_000_000, 16_384  # a knowledge base of ~100k pages; widest embedders ~4k
         folder = Path(folder)
-        meta = json.loads((folder / "chunks.json").read_text(encoding="utf-8"))
+        for name in ("chunks.json", "embeddings.npy"):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"{folder} is not a saved retriever: {name} is missing")
+        where = str(folder / "chunks.json")
+        meta = read_json_object(folder / "chunks.json", max_bytes=max_json_bytes)
+        require_keys(meta, ("chunks", "sources", "index", "hybrid", "dim", "embedder_fingerprint"), where)
+        chunks, sources, dim, fingerprint = meta["chunks"], meta["sources"], meta["dim"], meta["embedder_fingerprint"]
+        for name, values in (("chunks", chunks), ("sources", sources)):
+            if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
+                raise ValueError(f"{where}: {name} must be a non-empty list of strings")
+        if len(chunks) != len(sources):
+            raise ValueError(f"{where} has {len(chunks)} chunks but {len(sources)} sources: one source per chunk")
+        if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= max_dim:
+            raise ValueError(f"{where}: dim must be an int in [1, {max_dim}], got {dim!r}")
+        if fingerprint is not None and not (isinstance(fingerprint, str) and re.fullmatch(r"[0-9a-f]{64}", fingerprint)):
+            raise ValueError(f"{where}: embedder_fingerprint must be a sha256 hex string or null")
+
+        # embeddings.npy: the header first (numpy caps its size), then the data it announces
+        path = folder / "embeddings.npy"
+        with open(path, "rb") as f:
+            try:
+                version = np.lib.format.read_magic(f)
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                               (2, 0): np.lib.format.read_array_header_2_0}[version]
+                shape, fortran_order, dtype = read_header(f)
+            except (ValueError, KeyError, EOFError) as err:
+                raise ValueError(f"{path} is not a .npy array file: {err}") from None
+            data_start = f.tell()
+        if dtype != np.float32 or fortran_order or shape != (len(chunks), dim):
+            raise ValueError(f"{path} holds {dtype} {shape}, but chunks.json needs float32 "
+                             f"({len(chunks)}, {dim}): one {dim}-d vector per chunk")
+        if path.stat().st_size != data_start + len(chunks) * dim * 4:
+            raise ValueError(f"{path} is {path.stat().st_size:,} bytes; its header announces "
+                             f"{data_start + len(chunks) * dim * 4:,} (truncated or padded)")
+        embeddings = np.load(path, allow_pickle=False)
+
         if embedder is None:
             from .models import load_embedder
 
             embedder = load_embedder()
-        if meta.get("embedder_fingerprint") and embedder_fingerprint(embedder) != meta["embedder_fingerprint"]:
+        if fingerprint is not None and embedder_fingerprint(embedder) != fingerprint:
             raise ValueError("this retriever was built with a different embedding model; queries "
                              "embedded with this one would not be comparable to the stored vectors")
-        self = cls.__new__(cls)
-        self.chunks, self.sources = meta["chunks"], meta["sources"]
-        self.embeddings = np.load(folder / "embeddings.npy", allow_pickle=False)
-        self.dim, self.embedder = meta["dim"], embedder
-        self.index_kind, self.hybrid = meta["index"], meta["hybrid"]
-        self.index = faiss.read_index(str(folder / "index.faiss"))
-        self.bm25 = BM25(self.chunks) if self.hybrid else None
-        return self
+        probe_dim = embed(["dimension probe"], embedder, cache=False).shape[1]
+        if probe_dim != dim:
+            raise ValueError(f"the embedder makes {probe_dim}-d vectors, but the stored ones are {dim}-d")
+        return cls(chunks, sources, embeddings, embedder, index=meta["index"], hybrid=meta["hybrid"])
 
 
 def chunk_corpus(docs: dict[str, str], chunking: str = "sections", chunk_size: int = 500,
@@ -196,6 +273,8 @@ def chunk_corpus(docs: dict[str, str], chunking: str = "sections", chunk_size: i
     """
     if not isinstance(docs, dict):
         raise TypeError(f"docs must be a dict {{source name: text}}, got {type(docs).__name__}")
+    check_choice("chunking", chunking, CHUNKINGS)
+    check_chunk_sizes(chunk_size, overlap)  # checked here too, so an empty docs dict is no excuse
     chunks, sources = [], []
     for name, text in docs.items():
         if not isinstance(name, str) or not isinstance(text, str):
@@ -217,6 +296,8 @@ def build_retriever(docs: dict[str, str], embedder=None, index: str = "flat", *,
     exact inner-product search (IndexFlatIP over unit vectors), fused with BM25. Shown in lesson 09.
     """
     check_choice("index", index, RETRIEVER_INDEXES)
+    for name, flag in (("hybrid", hybrid), ("cache", cache), ("progress", progress)):
+        _check_flag(name, flag)
     chunks, sources = chunk_corpus(docs, chunking, chunk_size, overlap)
     if not chunks:
         raise ValueError("the knowledge base is empty: docs has no document with any text "
@@ -227,60 +308,6 @@ def build_retriever(docs: dict[str, str], embedder=None, index: str = "flat", *,
         embedder = load_embedder()
     vectors = embed(chunks, embedder, cache=cache, progress=progress)
     return Retriever(chunks, sources, vectors, embedder, index=index, hybrid=hybrid)
-
-
-# ----------------------------------------------------------------------------------------------
-# Retrieval metrics
-
-
-def _gold_set(question: dict) -> set[str]:
-    gold = question.get("sources") or question.get("source")
-    return {gold} if isinstance(gold, str) else set(gold or ())
-
-
-def hit_at_k(ranked_sources: list[list[str]], gold: list[set[str]], k: int) -> float:
-    """Fraction of questions with at least one gold source among the first k retrieved.
-
-    Example: hit_at_k([["a", "b"], ["c", "a"]], [{"a"}, {"a"}], 1) -> 0.5
-    """
-    k = check_positive_int("k", k)
-    if len(ranked_sources) != len(gold) or not gold:
-        raise ValueError("need one ranking per question, and at least one question")
-    return sum(bool(set(r[:k]) & g) for r, g in zip(ranked_sources, gold)) / len(gold)
-
-
-def mrr(ranked_sources: list[list[str]], gold: list[set[str]], k: int = 10) -> float:
-    """Mean reciprocal rank: 1/rank of the first gold source (0 if none in the first k).
-
-    Example: mrr([["a", "b"], ["c", "a"]], [{"a"}, {"a"}]) -> 0.75  (1/1 and 1/2)
-    """
-    k = check_positive_int("k", k)
-    if len(ranked_sources) != len(gold) or not gold:
-        raise ValueError("need one ranking per question, and at least one question")
-    total = 0.0
-    for ranking, g in zip(ranked_sources, gold):
-        for rank, source in enumerate(ranking[:k], 1):
-            if source in g:
-                total += 1 / rank
-                break
-    return total / len(gold)
-
-
-def evaluate_retrieval(retriever: Retriever, questions: list[dict], k: int = 5) -> dict[str, float]:
-    """hit@1, hit@k, MRR@10 and milliseconds per query (one query at a time, as a service sees them).
-
-    Each question is a dict with "question" and its gold "source" (or a list of "sources").
-    Shown in lesson 09."""
-    k = check_positive_int("k", k)
-    if not questions:
-        raise ValueError("questions must be a non-empty list of {'question': ..., 'source': ...} dicts")
-    gold = [_gold_set(q) for q in questions]
-    ranked, start = [], time.perf_counter()
-    for q in questions:
-        ranked.append([h.source for h in retriever.retrieve(q["question"], k=max(k, 10))])
-    ms = (time.perf_counter() - start) * 1000 / len(questions)
-    return {"hit@1": hit_at_k(ranked, gold, 1), f"hit@{k}": hit_at_k(ranked, gold, k),
-            "mrr": mrr(ranked, gold, 10), "ms_per_query": ms}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,25 +324,40 @@ SYSTEM_GUARDED = (
 SYSTEM_CLOSED_BOOK = "Answer the question in one short sentence."
 
 
-def format_passages(hits: list[Hit], guard: bool = False) -> str:
-    """Numbered passages, one per line: '[1] (source) text', without repeating a source name that
-    the chunk's heading already starts with. guard=True fences each one in <passage> tags.
+def _check_hits(hits) -> list[Hit]:
+    if not isinstance(hits, (list, tuple)):
+        raise TypeError(f"hits must be a list of Hit, got {type(hits).__name__}")
+    for i, hit in enumerate(hits):
+        if not isinstance(hit, Hit):
+            raise TypeError(f"hits[{i}] must be a Hit(text, source, score), got {type(hit).__name__}")
+    return list(hits)
 
-    Shown in lesson 09. Example: [Hit("27 days.", "leave", 0.7)] -> '[1] (leave) 27 days.'
+
+def format_passages(hits: list[Hit], guard: bool = True) -> str:
+    """Numbered passages. guard=True (the default) fences each one in <passage> tags; guard=False
+    writes '[1] (source) text', without repeating a source name the chunk's heading starts with.
+
+    Either way a passage is one line (its line breaks become spaces) and its tag openers are escaped
+    (utils.injection.escape_passage), so it cannot close its fence, open a fake one, or spell a chat
+    token like <|im_start|>. Shown in lesson 09.
+    Example: [Hit("27 days.", "leave", 0.7)], guard=False -> '[1] (leave) 27 days.'
     """
+    hits, guard = _check_hits(hits), _check_flag("guard", guard)
     lines = []
     for n, hit in enumerate(hits, 1):
-        text = " ".join(hit.text.split())
+        text = escape_passage(" ".join(hit.text.split()))
+        source = escape_passage(" ".join(hit.source.split()))
         if guard:
-            lines.append(f'<passage id="{n}" source="{hit.source}">\n{text}\n</passage>')
-        elif text.startswith(hit.source):
+            source = source.replace('"', "&quot;")  # nor can a source name end its attribute
+            lines.append(f'<passage id="{n}" source="{source}">\n{text}\n</passage>')
+        elif text.startswith(source):
             lines.append(f"[{n}] {text}")
         else:
-            lines.append(f"[{n}] ({hit.source}) {text}")
+            lines.append(f"[{n}] ({source}) {text}")
     return "\n".join(lines)
 
 
-def grounded_messages(question: str, hits: list[Hit], guard: bool = False) -> list[dict]:
+def grounded_messages(question: str, hits: list[Hit], guard: bool = True) -> list[dict]:
     """The chat prompt of grounded generation: instructions, numbered passages, then the question.
 
     Shown in lesson 09."""
@@ -332,7 +374,7 @@ def closed_book_messages(question: str) -> list[dict]:
 
 
 def answer_many(questions: list[str], retriever: Retriever, model, tokenizer, k: int = 3,
-                min_score: float = DEFAULT_MIN_SCORE, guard: bool = False, filter_injections: bool = False,
+                min_score: float = DEFAULT_MIN_SCORE, guard: bool = True, filter_injections: bool = True,
                 max_new_tokens: int = 48, batch_size: int = 8) -> list[tuple[str, list[Hit]]]:
     """answer() for many questions at once: (reply, hits) per question, in the order of `questions`.
 
@@ -341,9 +383,16 @@ def answer_many(questions: list[str], retriever: Retriever, model, tokenizer, k:
     Shown in lesson 09."""
     from .generation import generate_batch  # imports torch: only when something is generated
 
+    questions = check_text_list("questions", questions)
+    k = check_positive_int("k", k, what=" (how many passages to retrieve)")
     min_score = check_number("min_score", min_score, low=-1, high=1)  # a cosine similarity
+    guard, filter_injections = _check_flag("guard", guard), _check_flag("filter_injections", filter_injections)
+    check_positive_int("max_new_tokens", max_new_tokens)  # checked even when no question reaches the model
+    check_positive_int("batch_size", batch_size)
+    if not callable(getattr(retriever, "retrieve_many", None)):
+        raise TypeError(f"retriever must be a Retriever, got {type(retriever).__name__}")
     hit_lists = retriever.retrieve_many(questions, k=k)
-    if filter_injections:
+    if filter_injections:  # drop passages that give the model orders (utils.injection)
         hit_lists = [[h for h in hits if not looks_like_injection(h.text)] for hits in hit_lists]
     todo = [i for i, hits in enumerate(hit_lists) if hits and hits[0].score >= min_score]
     prompts = [grounded_messages(questions[i], hit_lists[i], guard) for i in todo]
@@ -355,20 +404,23 @@ def answer_many(questions: list[str], retriever: Retriever, model, tokenizer, k:
 
 
 def answer(question: str, retriever: Retriever, model, tokenizer, k: int = 3,
-           min_score: float = DEFAULT_MIN_SCORE, guard: bool = False, filter_injections: bool = False,
+           min_score: float = DEFAULT_MIN_SCORE, guard: bool = True, filter_injections: bool = True,
            max_new_tokens: int = 48) -> tuple[str, list[Hit]]:
     """Retrieve, then answer from the passages with [n] citations: (answer text, the hits shown).
 
     If the best passage's cosine similarity is below `min_score`, the model is not asked at all and
     the answer is "I don't know." (retrieval found nothing relevant enough to ground an answer).
+    By default (guard=True, filter_injections=True) passages that give the model orders are dropped
+    and the rest are fenced as untrusted data; lesson 09 turns both off to show the attack.
     Shown in lesson 09.
     """
+    check_text("question", question)
     return answer_many([question], retriever, model, tokenizer, k, min_score, guard,
                        filter_injections, max_new_tokens, batch_size=1)[0]
 
 
 # ----------------------------------------------------------------------------------------------
-# Citations and a prompt-injection filter
+# Citations (the injection filter is utils.injection.looks_like_injection)
 
 
 def citations(reply: str) -> list[int]:
@@ -382,19 +434,3 @@ def citations(reply: str) -> list[int]:
             if int(n) not in found:
                 found.append(int(n))
     return found
-
-
-_INJECTION = re.compile(
-    r"(ignore|disregard|forget|override)\s+(all\s+|any\s+|the\s+)?(previous|prior|above|earlier|other)"
-    r"|system\s+(instruction|prompt|message)|instructions?\s+to\s+the\s+(assistant|model|ai)"
-    r"|you\s+are\s+now\b|reply\s+only\s+with|do\s+not\s+answer\s+the\s+question", re.IGNORECASE)
-
-
-def looks_like_injection(text: str) -> bool:
-    """A crude filter: does this passage talk to the assistant instead of informing the reader?
-
-    It catches the usual phrasings ("ignore all previous instructions", "system instruction",
-    "reply only with"); a paraphrased attack gets through, so it is one layer, not a guarantee.
-    Shown in lesson 09. Example: looks_like_injection("Ignore all previous instructions.") -> True
-    """
-    return bool(_INJECTION.search(check_text("text", text, allow_empty=True)))

@@ -9,7 +9,11 @@ process and returns a `ChatServer` handle. The safety rules live here:
 * nothing is left running: `ChatServer.stop()` ends the child, `stop_all_servers()` runs at exit
   (atexit), and the child runs a watchdog (`exit_when_parent_dies`) that ends it if the notebook
   kernel is killed without cleaning up;
-* a server that fails to start is stopped and its log is shown, instead of hanging the notebook.
+* a server that fails to start is stopped and its log is shown, instead of hanging the notebook;
+* `start_server` talks to its own child, not to whatever answers on the port: each start passes a
+  random id to the child (environment variable INSTANCE_ENV), the child's /health echoes it, and any
+  other answer is an error. The probe goes straight to the loopback address, ignoring HTTP_PROXY &
+  co. (a proxy cannot reach this machine's 127.0.0.1, and must not see the traffic).
 
 `utils.serving` re-exports `start_server`, `ChatServer` and `stop_all_servers`.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 import atexit
 import ipaddress
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -30,6 +35,7 @@ from pathlib import Path
 from utils.checks import check_int, check_number
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+INSTANCE_ENV = "LLM_COURSE_SERVER_INSTANCE"  # the per-start id the child echoes in /health
 
 
 def check_loopback(host: str) -> str:
@@ -51,6 +57,51 @@ def check_loopback(host: str) -> str:
     return host
 
 
+def is_loopback_host_header(host: str) -> bool:
+    """Whether an HTTP Host header names this machine: localhost or a loopback IP, with any port.
+
+    Example: "127.0.0.1:8000" -> True; "[::1]" -> True; "attacker.example" -> False.
+    """
+    bracketed = host.startswith("[")  # an IPv6 address is written in brackets: [::1]:8000
+    address, _, port = host[1:].partition("]") if bracketed else host.partition(":")
+    if bracketed:
+        if port and not port.startswith(":"):
+            return False
+        port = port[1:]
+    if port and not port.isdigit():
+        return False
+    if not bracketed and address.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback and (":" in address) == bracketed
+    except ValueError:
+        return False
+
+
+def port_is_open(host: str, port: int) -> bool:
+    """Whether something already listens on host:port (a TCP connection succeeds)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        return s.connect_ex((host, port)) == 0
+
+
+def read_health(url: str, timeout: float = 2.0) -> dict | None:
+    """GET url/health directly, never through a proxy: its JSON object, {} for any other HTTP answer
+    (an error status, not JSON), None when nothing answers."""
+    import httpx
+
+    try:
+        with httpx.Client(trust_env=False, timeout=timeout) as client:  # trust_env=False: no proxies
+            response = client.get(url + "/health")
+        body = response.json()
+    except httpx.TransportError:
+        return None
+    except ValueError:  # not JSON
+        return {}
+    return body if response.status_code == 200 and isinstance(body, dict) else {}
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free right now (the OS picks it)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -63,10 +114,15 @@ _RUNNING: set[ChatServer] = set()  # servers this Python process started and has
 
 
 class ChatServer:
-    """Handle on a server child process: .base_url for the openai client, .stop() to end it."""
+    """Handle on a server child process: .base_url for the openai client, .stop() to end it.
 
-    def __init__(self, process: subprocess.Popen, host: str, port: int, log_path: Path):
+    .instance_id: the random id this start gave the child, which its /health echoes.
+    """
+
+    def __init__(self, process: subprocess.Popen, host: str, port: int, log_path: Path,
+                 instance_id: str | None = None):
         self.process, self.host, self.port, self.log_path = process, host, port, log_path
+        self.instance_id = instance_id
         netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.url = f"http://{netloc}"
         self.base_url = self.url + "/v1"
@@ -119,13 +175,12 @@ atexit.register(stop_all_servers)
 
 def start_server(port: int | None = None, host: str = "127.0.0.1", timeout: float = 180.0,
                  threads: int | None = None) -> ChatServer:
-    """Start `python -m utils.serving` as a child process and wait until /health answers.
+    """Start `python -m utils.serving` as a child process and wait until its /health answers.
 
-    port: None picks a free one. host: loopback only (ValueError otherwise). timeout: seconds to
-    wait for the model to load. If anything goes wrong while waiting, the child is stopped.
+    port: None picks a free one; a port where something already listens is refused (RuntimeError).
+    host: loopback only (ValueError otherwise). timeout: seconds to wait for the model to load.
+    If anything goes wrong while waiting, the child is stopped.
     """
-    import httpx
-
     check_loopback(host)
     if port is None:
         port = free_port(host)
@@ -133,10 +188,15 @@ def start_server(port: int | None = None, host: str = "127.0.0.1", timeout: floa
     check_number("timeout", timeout, low=0, low_open=True)
     if threads is not None:
         check_int("threads", threads, low=1, what=" or None")
+    if port_is_open(host, port):
+        raise RuntimeError(f"port {port} on {host} is already in use by another process; stop it, pick "
+                           "another port, or pass port=None for a free one.")
 
+    instance_id = secrets.token_hex(16)  # the child echoes it in /health: proof we reached our child
     log_fd, log_name = tempfile.mkstemp(prefix="llm-course-server-", suffix=".log")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(REPO_ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+    env[INSTANCE_ENV] = instance_id
     command = [sys.executable, "-m", "utils.serving", "--host", host, "--port", str(port),
                "--parent-pid", str(os.getpid())]
     if threads is not None:
@@ -144,7 +204,7 @@ def start_server(port: int | None = None, host: str = "127.0.0.1", timeout: floa
     with os.fdopen(log_fd, "wb") as log:  # the child keeps its own copy of the file descriptor
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    cwd=REPO_ROOT, env=env)
-    server = ChatServer(process, host, port, Path(log_name))
+    server = ChatServer(process, host, port, Path(log_name), instance_id)
     _RUNNING.add(server)
     try:
         deadline = time.monotonic() + timeout
@@ -152,11 +212,13 @@ def start_server(port: int | None = None, host: str = "127.0.0.1", timeout: floa
             if process.poll() is not None:
                 raise RuntimeError(f"the server exited with code {process.returncode} before it was "
                                    f"ready. Its log ({log_name}) ends with:\n{server.log()}")
-            try:
-                if httpx.get(server.url + "/health", timeout=2.0).status_code == 200:
-                    return server
-            except httpx.TransportError:
-                pass  # not listening yet
+            health = read_health(server.url)  # None: not listening yet
+            if health is not None and health.get("instance_id") == instance_id:
+                return server
+            if health is not None:
+                raise RuntimeError(f"another process answers on {server.url} (its /health does not carry "
+                                   "this start's id), so this server could not take the port; stop the "
+                                   "other process or pass port=None.")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the server did not answer /health within {timeout:g} s. Its log "
                                    f"ends with:\n{server.log()}")

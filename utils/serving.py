@@ -8,68 +8,82 @@ This module is a small, readable server that follows that schema for SmolLM2:
 * `create_app(model, tokenizer)` -> a FastAPI app with `GET /health`, `GET /v1/models`,
   `GET /v1/models/{id}` and `POST /v1/chat/completions` (plain JSON, or Server-Sent Events when
   `"stream": true`, ending with `data: [DONE]`).
-* Bad requests get a proper 4xx with OpenAI's error body
-  `{"error": {"message", "type", "param", "code"}}`: 400 for invalid values (empty `messages`,
-  `max_tokens < 1`, `temperature` outside [0, 2], a prompt longer than the context window),
-  404 for an unknown model or route, 422 for a body of the wrong shape (missing fields, wrong types,
-  not JSON).
 * `stream_text(...)`: the generation behind plain and streamed answers: lesson 06's decoding loop
   (`utils.sampling.stream_tokens`), turned into text pieces that stop at a stop string.
-* `start_server()` runs it in a child process bound to 127.0.0.1 (loopback only: other machines
-  cannot reach it), waits until `/health` answers, and returns a handle whose `stop()` ends it.
-  That plumbing (processes, ports, clean-up) lives in `utils.server_process`.
+* `start_server()` runs it in a child process bound to 127.0.0.1 and returns a handle whose
+  `stop()` ends it (the plumbing lives in `utils.server_process`).
+* What a request may contain (strict schema, limits, value checks) lives in `utils.chat_request`.
+
+A server is an attack surface, even on loopback: any program on the machine, and any web page
+open in its browser, can send it requests. So every request is checked before the model sees it,
+and every refusal is a 4xx with OpenAI's error body `{"error": {"message", "type", "param", "code"}}`:
+
+* 400 unless the Host header names this machine (127.0.0.1, [::1], localhost, any port): a web page
+  that re-points its own domain name at 127.0.0.1 ("DNS rebinding") is refused.
+* 413 for a body over MAX_BODY_BYTES, checked on Content-Length and on the bytes actually read
+  (a chunked body is not read past the limit).
+* 400 for wrong types (`"temperature": "0.5"`, `"max_tokens": 1.5`, `"stream": "yes"`: no silent
+  conversion) and for values out of range: more than MAX_MESSAGES messages, a message over
+  MAX_CONTENT_CHARS characters, more than MAX_STOP_SEQUENCES stop strings or one over
+  MAX_STOP_CHARS, `max_tokens` above the context window, a seed outside [0, MAX_SEED], a prompt
+  that does not fit (checked first on its size in characters, before tokenising, then in tokens).
+  Unknown fields are ignored, as OpenAI's API does for fields it does not use.
+* 404 for an unknown model or route.
+All of it is checked before a stream starts; if generation fails mid-stream, the stream ends with
+an error event `data: {"error": {...}}` and then `data: [DONE]`. A non-streamed generation stops
+when its client disconnects, and `/health` answers even while every worker waits for the model.
 
 Run it by hand with `python -m utils.serving --port 8000` and call it with the `openai` client:
-`OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")`.
+`OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")`. Not covered: authentication
+(anyone on this machine can call it), rate limits, TLS: put a real gateway in front for those.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
 import threading
 import time
 import uuid
 from contextlib import nullcontext
-from typing import Annotated, Iterator
+from typing import Iterator
 
 import torch
-from pydantic import BaseModel, ConfigDict, Strict
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
-from utils.sampling import stream_tokens
+from utils.chat_request import (  # noqa: F401  (the limits: re-exported, documented above)
+    MAX_BODY_BYTES,
+    MAX_CONTENT_CHARS,
+    MAX_MESSAGES,
+    MAX_SEED,
+    MAX_STOP_CHARS,
+    MAX_STOP_SEQUENCES,
+    MAX_TEMPERATURE,
+    ROLES,
+    APIError,
+    ChatCompletionRequest,
+    error_body,
+    param_name,
+    validate_request,
+)
+from utils.sampling import max_positions, stream_tokens
 from utils.server_process import (  # noqa: F401  (start_server, ChatServer, stop_all_servers: re-exported)
+    INSTANCE_ENV,
     ChatServer,
     check_loopback,
     exit_when_parent_dies,
+    is_loopback_host_header,
     start_server,
     stop_all_servers,
 )
 
 MODEL_ID = "SmolLM2-135M-Instruct"  # the name clients pass as `model`
-ROLES = ("system", "developer", "user", "assistant")
-MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
-
-
-# ----------------------------------------------------------------------------------------------
-# Errors in OpenAI's shape
-
-
-class APIError(Exception):
-    """An error the API reports to the client as {"error": {...}} with an HTTP status."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
-
-
-def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,12 +103,13 @@ def held_back_chars(text: str, stops: list[str]) -> int:
 
 def stream_text(model, tokenizer, input_ids, max_tokens, temperature=0.0, top_p=None, stop=(),
                 seed=None, step_lock=None) -> Iterator[tuple[str, str | None, int]]:
-    """Yield (text piece, finish_reason or None, completion tokens so far) as tokens arrive.
+    """Yield (text piece, finish_reason or None, completion tokens so far) once per decoding step.
 
     The tokens come from lesson 06's KV-cached decoding loop, `stream_tokens` (batch of one, (1, T)
-    prompt). finish_reason is "stop" (end-of-sequence token or a stop string) or "length"
-    (max_tokens). step_lock: held around each step, so that concurrent requests take turns on the
-    CPU. Shown in lesson 11.
+    prompt). A piece is "" while its text is held back (it may be the start of a stop string).
+    finish_reason is "stop" (end-of-sequence token or a stop string, which is never sent) or
+    "length" (max_tokens). step_lock: held around each step, so that concurrent requests take turns
+    on the CPU. Shown in lesson 11.
     """
     stops = [s for s in stop if s]
     generator = None if seed is None else torch.Generator().manual_seed(seed)
@@ -117,10 +132,9 @@ def stream_text(model, tokenizer, input_ids, max_tokens, temperature=0.0, top_p=
         if cut >= 0:  # a stop string: send what precedes it, and finish
             yield text[sent:cut], "stop", len(tokens)
             return
-        safe = len(text) - held_back_chars(text, stops)
-        if safe > sent:
-            yield text[sent:safe], None, len(tokens)
-            sent = safe
+        safe = max(sent, len(text) - held_back_chars(text, stops))
+        yield text[sent:safe], None, len(tokens)  # one yield per step, so the caller can stop us
+        sent = safe
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     yield text[sent:], ("length" if len(tokens) == max_tokens else "stop"), len(tokens)
 
@@ -129,120 +143,98 @@ def stream_text(model, tokenizer, input_ids, max_tokens, temperature=0.0, top_p=
 # The app
 
 
-class TextPart(BaseModel):
-    type: str
-    text: str = ""
+class LoopbackHostOnly:
+    """ASGI middleware: refuse a request whose Host header does not name this machine.
 
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")  # name, tool_calls... are accepted and ignored
-    role: str
-    content: str | list[TextPart] | None = None
-
-
-StrictInt = Annotated[int, Strict()]  # "5" is not a number of tokens
-StrictBool = Annotated[bool, Strict()]
-
-
-class ChatCompletionRequest(BaseModel):
-    """The body of POST /v1/chat/completions (the parameters this server uses)."""
-
-    model_config = ConfigDict(extra="allow")  # other OpenAI parameters are accepted and ignored
-    model: str
-    messages: list[Message]
-    max_tokens: StrictInt | None = None
-    max_completion_tokens: StrictInt | None = None  # the newer name of max_tokens
-    temperature: float | None = None
-    top_p: float | None = None
-    n: StrictInt | None = None
-    stream: StrictBool = False
-    stream_options: dict | None = None
-    seed: StrictInt | None = None
-    stop: str | list[str] | None = None
-
-
-def validate_request(req, model_ids: tuple[str, ...], max_context: int, default_max_tokens: int) -> dict:
-    """Check the values of a well-formed request; raise APIError(400/404) like OpenAI does.
-
-    Returns the settings to generate with: messages (role/content dicts), max_tokens, temperature,
-    top_p, stop (list), seed.
+    A browser sends the Host of the page's URL. A hostile page whose domain name is re-pointed at
+    127.0.0.1 (DNS rebinding) reaches this server with its own name as Host, and is refused here.
     """
-    if not req.messages:
-        raise APIError(400, "Invalid 'messages': empty array. Expected an array with minimum length 1, "
-                       "but got an empty array instead.", "messages", "empty_array")
-    messages = []
-    for i, m in enumerate(req.messages):
-        if m.role not in ROLES:
-            raise APIError(400, f"Invalid value: '{m.role}'. Supported values are: "
-                           f"{', '.join(repr(r) for r in ROLES)}.", f"messages[{i}].role", "invalid_value")
-        content = m.content
-        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-            if any(part.type != "text" for part in content):
-                raise APIError(400, "This model accepts only text content parts.",
-                               f"messages[{i}].content", "invalid_value")
-            content = "".join(part.text for part in content)
-        messages.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
 
-    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    if max_tokens is None:
-        max_tokens = default_max_tokens
-    elif max_tokens < 1:
-        raise APIError(400, f"Invalid '{name}': integer below minimum value. Expected a value >= 1, "
-                       f"but got {max_tokens} instead.", name, "integer_below_min_value")
-    temperature = 1.0 if req.temperature is None else req.temperature  # OpenAI's default is 1
-    if not 0 <= temperature <= MAX_TEMPERATURE:
-        raise APIError(400, f"Invalid 'temperature': expected a value in [0, {MAX_TEMPERATURE:g}], "
-                       f"but got {temperature} instead.", "temperature", "invalid_value")
-    top_p = req.top_p
-    if top_p is not None and not 0 < top_p <= 1:
-        raise APIError(400, f"Invalid 'top_p': expected a value in (0, 1], but got {top_p} instead.",
-                       "top_p", "invalid_value")
-    if req.n not in (None, 1):
-        raise APIError(400, f"Invalid 'n': this server returns one choice per request (n=1), got "
-                       f"{req.n}.", "n", "unsupported_value")
-    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if len(stop) > 4:
-        raise APIError(400, "Invalid 'stop': at most 4 stop sequences are allowed.", "stop", "invalid_value")
-    if req.model not in model_ids:
-        raise APIError(404, f"The model '{req.model}' does not exist. Available: {', '.join(model_ids)}.",
-                       "model", "model_not_found")
-    return {"messages": messages, "max_tokens": max_tokens, "temperature": temperature,
-            "top_p": top_p if top_p != 1 else None, "stop": stop, "seed": req.seed,
-            "max_context": max_context}
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        hosts = [value.decode("latin-1") for name, value in scope.get("headers", []) if name == b"host"]
+        host = hosts[0] if len(hosts) == 1 else ""  # none, or more than one: refused
+        # Starlette's in-process TestClient (Host "testserver") has no network: nothing to rebind
+        in_process = host == "testserver" and (scope.get("client") or ("",))[0] == "testclient"
+        if scope["type"] == "http" and not (is_loopback_host_header(host) or in_process):
+            body = error_body(f"Invalid Host header {host[:100]!r}: this server answers only requests "
+                              "addressed to 127.0.0.1, [::1] or localhost.", param="Host", code="invalid_host")
+            return await JSONResponse(body, status_code=400)(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
-def create_app(model, tokenizer, model_id: str = MODEL_ID, default_max_tokens: int = 256):
-    """A FastAPI app serving `model` (a transformers causal LM) with OpenAI's chat-completions schema."""
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.exceptions import HTTPException
+TOO_LARGE = error_body(f"The request body is larger than this server's limit of {MAX_BODY_BYTES} bytes.",
+                       code="request_too_large")
+CLOSE = {"Connection": "close"}  # the rest of a refused body is never read: end the connection
 
+
+class BodySizeLimit:
+    """ASGI middleware: 413 for a body over MAX_BODY_BYTES, said by its Content-Length or seen while
+    reading it. A chunked body has no length up front: reading stops at the limit, not at its end."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > MAX_BODY_BYTES:  # refused before reading a byte
+            return await JSONResponse(TOO_LARGE, status_code=413, headers=CLOSE)(scope, receive, send)
+        received = 0
+
+        async def receive_at_most_the_limit():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > MAX_BODY_BYTES:  # FastAPI passes an HTTPException on to _http_error
+                raise HTTPException(413)
+            return message
+
+        await self.app(scope, receive_at_most_the_limit, send)
+
+
+def create_app(model, tokenizer, model_id: str = MODEL_ID, default_max_tokens: int = 256,
+               instance_id: str | None = None):
+    """A FastAPI app serving `model` (a transformers causal LM) with OpenAI's chat-completions schema.
+
+    instance_id: echoed by /health, so that start_server can tell its own child from another server.
+    app.state.step_lock is the lock each decoding step holds (one model, one forward pass at a time).
+    """
     app = FastAPI(title="llm-course chat API", version="1")
-    max_context = int(getattr(model.config, "max_position_embeddings", 2048))
+    app.add_middleware(BodySizeLimit)
+    app.add_middleware(LoopbackHostOnly)  # added last: runs first
+    max_context = max_positions(model)
+    # The longest token, in characters of its vocabulary entry. In a byte-level BPE (SmolLM2's) an entry
+    # has one character per byte of text, so no token covers more text characters than this.
+    max_token_chars = max(len(token) for token in tokenizer.get_vocab())
     created = int(time.time())
-    step_lock = threading.Lock()
+    app.state.step_lock = step_lock = threading.Lock()
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError):
         return JSONResponse(err.body(), status_code=err.status)
 
     @app.exception_handler(RequestValidationError)
-    async def _shape_error(request: Request, err: RequestValidationError):
+    async def _shape_error(request: Request, err: RequestValidationError):  # 400 as OpenAI, not 422
         first = err.errors()[0]
-        if first.get("type") == "json_invalid":
-            return JSONResponse(error_body("The request body is not valid JSON.", code="json_invalid"),
-                                status_code=422)
-        param = ""  # ('body', 'messages', 0, 'role') -> "messages[0].role", as OpenAI names params
-        for part in first.get("loc", ())[1:]:
-            param += f"[{part}]" if isinstance(part, int) else f".{part}" if param else str(part)
-        message = f"Invalid '{param}': {first.get('msg')}" if param else f"Invalid body: {first.get('msg')}"
-        return JSONResponse(error_body(message, param=param or None, code=first.get("type")),
-                            status_code=422)
+        param, kind = param_name(first.get("loc", ())), first.get("type", "")
+        if kind == "json_invalid":
+            message, param, code = "We could not parse the JSON body of your request.", None, "json_invalid"
+        elif kind == "missing":
+            message, code = f"Missing required parameter: '{param}'.", "missing_required_parameter"
+        else:
+            message = f"Invalid type for '{param}': {first.get('msg')}." if param else \
+                f"Invalid body: {first.get('msg')}."
+            code = "invalid_type" if kind.endswith("_type") else kind
+        return JSONResponse(error_body(message, param=param, code=code), status_code=400)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, err: HTTPException):
+        if err.status_code == 413:  # from BodySizeLimit
+            return JSONResponse(TOO_LARGE, status_code=413, headers=CLOSE)
         code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
         message = f"{request.method} {request.url.path}: {err.detail}"
         return JSONResponse(error_body(message, code=code), status_code=err.status_code)
@@ -256,30 +248,34 @@ def create_app(model, tokenizer, model_id: str = MODEL_ID, default_max_tokens: i
         return {"id": model_id, "object": "model", "created": created, "owned_by": "llm-course"}
 
     @app.get("/health")
-    def health():
-        return {"status": "ok", "model": model_id}
+    async def health():  # async: answered on the event loop, never queued behind generations
+        return {"status": "ok", "model": model_id, **({"instance_id": instance_id} if instance_id else {})}
 
     @app.get("/v1/models")
-    def list_models():
+    async def list_models():
         return {"object": "list", "data": [model_card()]}
 
     @app.get("/v1/models/{name:path}")
-    def get_model(name: str):
+    async def get_model(name: str):
         if name != model_id:
-            raise APIError(404, f"The model '{name}' does not exist.", "model", "model_not_found")
+            raise APIError(404, f"The model {name[:100]!r} does not exist.", "model", "model_not_found")
         return model_card()
 
-    @app.post("/v1/chat/completions")
-    def chat_completions(req: ChatCompletionRequest):  # a plain def: FastAPI runs it in a thread
-        settings = validate_request(req, (model_id,), max_context, default_max_tokens)
+    def tokenize(settings: dict):
         input_ids = tokenizer.apply_chat_template(settings["messages"], add_generation_prompt=True,
                                                   return_tensors="pt", return_dict=True)["input_ids"]
-        prompt_tokens = input_ids.shape[1]
-        if prompt_tokens + settings["max_tokens"] > max_context:
+        needed = input_ids.shape[1] + settings["max_tokens"]  # the exact check, now that we have tokens
+        if needed > max_context:
             raise APIError(400, f"This model's maximum context length is {max_context} tokens. However, "
-                           f"you requested {prompt_tokens + settings['max_tokens']} tokens "
-                           f"({prompt_tokens} in the messages, {settings['max_tokens']} in the "
-                           "completion).", "messages", "context_length_exceeded")
+                           f"you requested {needed} tokens ({input_ids.shape[1]} in the messages, "
+                           f"{settings['max_tokens']} in the completion).", "messages", "context_length_exceeded")
+        return input_ids  # (1, T)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        settings = validate_request(req, model_id, max_context, max_token_chars, default_max_tokens)
+        input_ids = await run_in_threadpool(tokenize, settings)  # CPU work: off the event loop
+        prompt_tokens = input_ids.shape[1]
         pieces = stream_text(model, tokenizer, input_ids, settings["max_tokens"], settings["temperature"],
                              settings["top_p"], settings["stop"], settings["seed"], step_lock)
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
@@ -288,39 +284,61 @@ def create_app(model, tokenizer, model_id: str = MODEL_ID, default_max_tokens: i
         def usage(n: int) -> dict:
             return {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
 
-        if not req.stream:
-            text, finish, n = "", "stop", 0
-            for piece, finish_reason, tokens_so_far in pieces:
-                text += piece
-                finish, n = finish_reason or finish, tokens_so_far
+        if not settings["stream"]:
+            gone = threading.Event()  # set when the client disconnects: generation stops at the next step
+
+            def whole_answer():
+                text, finish, n = "", "stop", 0
+                for piece, finish_reason, tokens_so_far in pieces:
+                    if gone.is_set():
+                        return None
+                    text, finish, n = text + piece, finish_reason or finish, tokens_so_far
+                return text, finish, n
+
+            async def watch_disconnect():
+                while (await request.receive())["type"] != "http.disconnect":
+                    pass
+                gone.set()
+
+            watcher = asyncio.ensure_future(watch_disconnect())  # runs while the thread generates
+            try:
+                answer = await run_in_threadpool(whole_answer)
+            finally:
+                watcher.cancel()
+            if answer is None:  # nobody is listening; this status only shows in logs
+                return JSONResponse(error_body("The client disconnected."), status_code=499)
+            text, finish, n = answer
             return {"id": completion_id, "object": "chat.completion", "created": now, "model": model_id,
                     "system_fingerprint": None,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                  "logprobs": None, "finish_reason": finish}],
                     "usage": usage(n)}
 
-        include_usage = bool((req.stream_options or {}).get("include_usage"))
-
         def chunk(delta: dict, finish_reason=None, choices=True, usage_value=None) -> str:
             body = {"id": completion_id, "object": "chat.completion.chunk", "created": now,
                     "model": model_id, "system_fingerprint": None,
                     "choices": [{"index": 0, "delta": delta, "logprobs": None,
                                  "finish_reason": finish_reason}] if choices else []}
-            if include_usage:
+            if settings["include_usage"]:
                 body["usage"] = usage_value
             return f"data: {json.dumps(body)}\n\n"  # one Server-Sent Event
 
-        def events() -> Iterator[str]:
+        def events() -> Iterator[str]:  # Starlette runs each step in a worker thread
             yield chunk({"role": "assistant", "content": ""})
             n = 0
-            for piece, finish_reason, tokens_so_far in pieces:
-                n = tokens_so_far
-                if piece:
-                    yield chunk({"content": piece})
-                if finish_reason:
-                    yield chunk({}, finish_reason)
-            if include_usage:
-                yield chunk({}, choices=False, usage_value=usage(n))
+            try:
+                for piece, finish_reason, tokens_so_far in pieces:
+                    n = tokens_so_far
+                    if piece:
+                        yield chunk({"content": piece})
+                    if finish_reason:
+                        yield chunk({}, finish_reason)
+                if settings["include_usage"]:
+                    yield chunk({}, choices=False, usage_value=usage(n))
+            except Exception as err:  # the 200 status is sent already: report the error in the stream
+                error = error_body(f"The server had an error while generating: {type(err).__name__}",
+                                   type="server_error")
+                yield f"data: {json.dumps(error)}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -342,6 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     check_loopback(args.host)
     if args.parent_pid is not None:
         exit_when_parent_dies(args.parent_pid)
+    instance_id = os.environ.pop(INSTANCE_ENV, None)  # set by start_server, echoed by /health
 
     import uvicorn
 
@@ -350,7 +369,9 @@ def main(argv: list[str] | None = None) -> None:
 
     setup_notebook(seed=0, threads=args.threads)
     model, tokenizer = load_chat_model()
-    uvicorn.run(create_app(model, tokenizer), host=args.host, port=args.port, log_level="warning")
+    # proxy_headers=False: no proxy stands in front, so X-Forwarded-For is not trusted
+    uvicorn.run(create_app(model, tokenizer, instance_id=instance_id), host=args.host, port=args.port,
+                log_level="warning", proxy_headers=False)
 
 
 if __name__ == "__main__":

@@ -72,22 +72,42 @@ def save_pretrained(directory, model, tokenizer: CharTokenizer, info: dict | Non
     return directory
 
 
+MAX_TINY_GPT_PARAMETERS = 100_000_000  # lesson 05's model has ~0.8M; a config.json asking for more is refused
+
+
 def load_pretrained(directory):
-    """(model, tokenizer, info) saved by save_pretrained; the model is in eval mode."""
+    """(model, tokenizer, info) saved by save_pretrained; the model is in eval mode.
+
+    config.json is checked before a model is built from it (keys, types, a parameter budget), and
+    the weights' safetensors header before a tensor is read (names, shapes, dtypes)."""
     from safetensors.torch import load_model
 
-    from utils.gpt import GPT, GPTConfig
+    from utils.checkpoints import check_tensors_fit, read_json_object, require_keys
+    from utils.gpt import GPT, GPTConfig, count_gpt_parameters
     from utils.models import ModelIntegrityError, sha256_of
 
     directory = Path(directory)
-    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    where = str(directory / "config.json")
+    config = read_json_object(directory / "config.json", max_bytes=1_000_000)
+    require_keys(config, ("gpt_config", "chars", "info", "sha256"), where)
     weights = directory / "model.safetensors"
-    if "sha256" not in config or sha256_of(weights) != config["sha256"]:
+    if sha256_of(weights) != config["sha256"]:
         raise ModelIntegrityError(f"{weights} does not match the sha256 recorded in config.json when it was "
                                   f"saved (changed or partly written); delete {directory} and save it again")
+    if not isinstance(config["gpt_config"], dict) or not isinstance(config["chars"], str):
+        raise ValueError(f"{where}: gpt_config must be an object and chars a string")
     known = {f.name for f in fields(GPTConfig)}  # tolerate fields added to or dropped from GPTConfig later
-    model = GPT(GPTConfig(**{k: v for k, v in config["gpt_config"].items() if k in known}))
-    load_model(model, str(directory / "model.safetensors"))
+    try:
+        gpt_config = GPTConfig(**{k: v for k, v in config["gpt_config"].items() if k in known})
+    except TypeError as err:
+        raise ValueError(f"{where}: bad gpt_config: {err}") from None
+    if count_gpt_parameters(gpt_config) > MAX_TINY_GPT_PARAMETERS or gpt_config.vocab_size != len(config["chars"]):
+        raise ValueError(f"{where}: a GPT of {count_gpt_parameters(gpt_config):,} parameters with vocab_size "
+                         f"{gpt_config.vocab_size} for {len(config['chars'])} characters is not a tiny GPT "
+                         f"(at most {MAX_TINY_GPT_PARAMETERS:,} parameters, one token per character)")
+    model = GPT(gpt_config)
+    check_tensors_fit(weights, model.state_dict())
+    load_model(model, str(weights))
     return model.eval(), CharTokenizer(config["chars"]), config["info"]
 
 

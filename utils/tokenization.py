@@ -27,13 +27,16 @@ Special tokens (like "<|endoftext|>") are strings that map to one reserved id an
 produced by BPE; `encode` only emits them when you allow it (`allowed_special=`), so that user
 text that happens to contain "<|endoftext|>" cannot smuggle in a control token.
 
-Files are JSON (`save`/`load`), never pickle.
+Files are JSON (`save`/`load`), never pickle, and `load` treats them as untrusted: the file size,
+the number of merges, every token's length (computed from the merges by arithmetic, before any
+token is built: 40 merges that each double a token would otherwise ask for 2**40 bytes) and the
+special tokens are bounded, and the split pattern must be GPT-2's or GPT-4's unless the caller
+opts in to another one (which must still cut a probe text without losing any of it).
 """
 
 from __future__ import annotations
 
 import heapq
-import html
 import json
 import os
 from collections import Counter, defaultdict
@@ -45,6 +48,20 @@ import regex  # the `regex` module (a transformers dependency): \p{L} classes, p
 GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 GPT4_SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}|"""
                       r""" ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+""")
+
+KNOWN_SPLIT_PATTERNS = (GPT2_SPLIT_PATTERN, GPT4_SPLIT_PATTERN)
+# Any other split pattern must cut this text into pieces that join back to it exactly: letters, digits,
+# spaces, tabs, punctuation, \n and \r\n, accents, CJK, an emoji, and a long run of one letter then a
+# non-letter (the input that sends badly written patterns backtracking), within the time limit.
+PATTERN_PROBE = ("Hello World 42! It's 3.14 o'clock,  isn't it?\n\tnaïve café — 東京 🙂 x² = 7;\r\n"
+                 + "a" * 40 + "!" + " " * 5 + "end")
+PATTERN_PROBE_TIMEOUT_S = 1.0   # a sane pattern cuts the probe in microseconds
+
+# Bounds on tokenizer files, also kept by train and register_special_tokens so that every tokenizer
+# this code makes loads back. (GPT-4's cl100k_base has ~100k merges.)
+MAX_MERGES, MAX_TOKEN_BYTES = 100_000, 256         # MAX_TOKEN_BYTES: of one token, merged or special
+MAX_SPECIAL_TOKENS, MAX_SPECIAL_ID = 1_000, 2**31 - 1  # ids must fit an int32 tensor
+MAX_PATTERN_CHARS, MAX_FILE_BYTES = 1_000, 8_000_000   # 100,000 merges take ~1.6 MB of JSON
 
 FORMAT_NAME = "llm-course byte-level BPE"
 FORMAT_VERSION = 1
@@ -81,14 +98,45 @@ def _check_text(text, what: str = "text") -> bytes:
             "example decode files with errors='replace').") from None
 
 
+def compile_split_pattern(pattern: str):
+    """The compiled split regex, or a ValueError if the pattern would lose text.
+
+    GPT-2's and GPT-4's patterns are accepted as they are. Any other pattern must cut
+    PATTERN_PROBE, within PATTERN_PROBE_TIMEOUT_S, into plain-string pieces that join back to it
+    exactly; BPE on the pieces is lossless, so that is decode(encode(probe)) == probe.
+    Example: compile_split_pattern(r"[a-z]+") -> ValueError (the probe comes back as "elloorld...").
+    """
+    if not isinstance(pattern, str):
+        raise TypeError(f"pattern must be a regex str, got {type(pattern).__name__}")
+    if not 1 <= len(pattern) <= MAX_PATTERN_CHARS:
+        raise ValueError(f"pattern must be 1 to {MAX_PATTERN_CHARS} characters long, got {len(pattern)}")
+    try:
+        compiled = regex.compile(pattern)
+    except regex.error as err:
+        raise ValueError(f"pattern is not a valid regex: {err}") from None
+    if pattern in KNOWN_SPLIT_PATTERNS:
+        return compiled
+    try:
+        pieces = compiled.findall(PATTERN_PROBE, timeout=PATTERN_PROBE_TIMEOUT_S)
+    except TimeoutError:
+        raise ValueError(f"pattern took over {PATTERN_PROBE_TIMEOUT_S} s to split a "
+                         f"{len(PATTERN_PROBE)}-character probe text (catastrophic backtracking?); "
+                         "use GPT2_SPLIT_PATTERN or GPT4_SPLIT_PATTERN") from None
+    if not all(isinstance(piece, str) for piece in pieces):
+        raise ValueError("pattern has capture groups, so findall returns tuples, not pieces of text: "
+                         "write groups as (?:...)")
+    if "".join(pieces) != PATTERN_PROBE:
+        raise ValueError(f"pattern loses text: the probe {PATTERN_PROBE[:40]!r}... comes back as "
+                         f"{''.join(pieces)[:40]!r}...; a split pattern must cover every character")
+    return compiled
+
+
 class BPETokenizer:
     """Byte-level BPE tokenizer: 256 byte ids, then one id per learned merge, then special tokens."""
 
     def __init__(self, pattern: str = GPT4_SPLIT_PATTERN):
-        if not isinstance(pattern, str) or not pattern:
-            raise ValueError(f"pattern must be a non-empty regex string, got {pattern!r}")
+        self._split = compile_split_pattern(pattern)  # refuses a pattern that would lose text
         self.pattern = pattern
-        self._split = regex.compile(pattern)
         self.merges: dict[tuple[int, int], int] = {}        # (id, id) -> new id, in training order
         self.vocab: dict[int, bytes] = {i: bytes([i]) for i in range(256)}  # id -> its bytes
         self.special_tokens: dict[str, int] = {}             # "<|endoftext|>" -> id
@@ -103,6 +151,9 @@ class BPETokenizer:
         if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 256:
             raise ValueError(f"vocab_size must be an int >= 256 (the 256 byte tokens come first), "
                              f"got {vocab_size!r}")
+        if vocab_size > 256 + MAX_MERGES:
+            raise ValueError(f"vocab_size must be at most {256 + MAX_MERGES} (256 bytes + {MAX_MERGES} "
+                             f"merges), got {vocab_size}")
         clash = sorted(i for i in self.special_tokens.values() if i < vocab_size)
         if clash:
             raise ValueError(f"special token ids {clash} would collide with the trained ids "
@@ -129,10 +180,11 @@ class BPETokenizer:
         merges: dict[tuple[int, int], int] = {}
         vocab = {i: bytes([i]) for i in range(256)}
         for new_id in range(256, vocab_size):
-            # 3. The most frequent pair still present.
+            # 3. The most frequent pair still present (that does not make a token over MAX_TOKEN_BYTES).
             while heap:
                 neg_count, pair = heapq.heappop(heap)
-                if pair_counts.get(pair) == -neg_count:
+                if (pair_counts.get(pair) == -neg_count
+                        and len(vocab[pair[0]]) + len(vocab[pair[1]]) <= MAX_TOKEN_BYTES):
                     break
             else:
                 if verbose:
@@ -175,12 +227,20 @@ class BPETokenizer:
         if not isinstance(special_tokens, dict):
             raise TypeError(f"special_tokens must be a dict {{str: int}}, got "
                             f"{type(special_tokens).__name__}")
+        if len(set(self.special_tokens) | set(special_tokens)) > MAX_SPECIAL_TOKENS:
+            raise ValueError(f"at most {MAX_SPECIAL_TOKENS} special tokens are allowed")
         taken = {i: s for s, i in self.special_tokens.items()}
         for token, token_id in special_tokens.items():
             if not isinstance(token, str) or not token:
-                raise ValueError(f"a special token must be a non-empty str, got {token!r}")
+                raise ValueError(f"a special token must be a non-empty str, got {token!r}"[:200])
+            if len(token.encode("utf-8", errors="replace")) > MAX_TOKEN_BYTES:
+                raise ValueError(f"a special token must be at most {MAX_TOKEN_BYTES} bytes, got "
+                                 f"{token[:20]!r}... ({len(token)} characters)")
             if not isinstance(token_id, int) or isinstance(token_id, bool) or token_id < 0:
                 raise ValueError(f"special token id must be a non-negative int, got {token_id!r}")
+            if token_id > MAX_SPECIAL_ID:
+                raise ValueError(f"special token id must be at most {MAX_SPECIAL_ID} (an int32), "
+                                 f"got {token_id}")
             if token_id in self.vocab:
                 raise ValueError(f"id {token_id} for {token!r} is already a BPE token (ids "
                                  f"0..{len(self.vocab) - 1}): use an id >= {len(self.vocab)}")
@@ -216,8 +276,13 @@ class BPETokenizer:
     def encode_ordinary(self, text: str) -> list[int]:
         """Encode text with BPE only: special-token strings are treated as plain text."""
         _check_text(text)
+        chunks = self._split.findall(text)
+        if self.pattern not in KNOWN_SPLIT_PATTERNS and sum(map(len, chunks)) != len(text):
+            # the pieces do not tile the text: a custom pattern skipped some of it (the known ones can't)
+            raise ValueError("the split pattern skipped characters of this text, so decode(encode(text)) "
+                             "would not give it back; use GPT2_SPLIT_PATTERN or GPT4_SPLIT_PATTERN")
         ids: list[int] = []
-        for chunk in self._split.findall(text):
+        for chunk in chunks:
             ids.extend(self._encode_chunk(chunk))
         return ids
 
@@ -296,84 +361,64 @@ class BPETokenizer:
             json.dump(state, f, ensure_ascii=False)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> BPETokenizer:
-        """Read a file written by `save`, checking it on the way in."""
+    def load(cls, path: str | os.PathLike, allow_custom_pattern: bool = False) -> BPETokenizer:
+        """Read a file written by `save`, checking it before anything is built from it.
+
+        A file is untrusted input: its size, merge count, token lengths and special tokens are
+        bounded (MAX_FILE_BYTES, MAX_MERGES, MAX_TOKEN_BYTES, MAX_SPECIAL_TOKENS), and its split
+        pattern must be GPT-2's or GPT-4's. allow_custom_pattern=True accepts another pattern if
+        it splits PATTERN_PROBE losslessly within a time limit: only for files you trust, since
+        a regex can still be slow on other text.
+        """
+        size = os.path.getsize(path)
+        if size > MAX_FILE_BYTES:
+            raise ValueError(f"{path} is {size:,} bytes; a tokenizer file is at most {MAX_FILE_BYTES:,}")
         with open(path, encoding="utf-8") as f:
             try:
                 state = json.load(f)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path} is not a JSON tokenizer file: {err}") from None
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+                raise ValueError(f"{path} is not a JSON tokenizer file: {str(err)[:200]}") from None
         if not isinstance(state, dict) or state.get("format") != FORMAT_NAME:
             raise ValueError(f"{path} is not a {FORMAT_NAME!r} file")
         if state.get("version") != FORMAT_VERSION:
             raise ValueError(f"{path} has format version {state.get('version')!r}; this code "
                              f"reads version {FORMAT_VERSION}")
-        tok = cls(pattern=state["pattern"])
-        for k, pair in enumerate(state["merges"]):
+        state.setdefault("special_tokens", {})
+        for key, kind in (("pattern", str), ("merges", list), ("special_tokens", dict)):
+            if not isinstance(state.get(key), kind):
+                raise ValueError(f"{path}: {key!r} must be a {kind.__name__}, got "
+                                 f"{type(state.get(key)).__name__}" + (" (missing)" if key not in state else ""))
+        pattern, merges = state["pattern"], state["merges"]
+        if pattern not in KNOWN_SPLIT_PATTERNS and not allow_custom_pattern:
+            raise ValueError(f"{path} uses a split pattern that is neither GPT2_SPLIT_PATTERN nor "
+                             f"GPT4_SPLIT_PATTERN: {pattern[:80]!r}. A pattern can lose text or take "
+                             "exponential time; pass allow_custom_pattern=True if you trust this file.")
+        if len(merges) > MAX_MERGES:
+            raise ValueError(f"{path} has {len(merges):,} merges; at most {MAX_MERGES:,} are allowed")
+        # Every token's length, by arithmetic, before any token is built.
+        lengths = [1] * 256  # token id -> its length in bytes
+        seen = set()
+        for k, pair in enumerate(merges):
             new_id = 256 + k
             if (not isinstance(pair, list) or len(pair) != 2
-                    or not all(isinstance(i, int) and 0 <= i < new_id for i in pair)):
+                    or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < new_id
+                               for i in pair)):
                 raise ValueError(f"{path}: merge {k} must be two ids of earlier tokens (< {new_id}), "
-                                 f"got {pair!r}")
-            tok.merges[tuple(pair)] = new_id
-            tok.vocab[new_id] = tok.vocab[pair[0]] + tok.vocab[pair[1]]
-        tok.register_special_tokens(state.get("special_tokens", {}))
+                                 f"got {pair!r}"[:300])
+            if tuple(pair) in seen:
+                raise ValueError(f"{path}: merge {k} repeats the earlier merge {pair}")
+            seen.add(tuple(pair))
+            lengths.append(lengths[pair[0]] + lengths[pair[1]])
+            if lengths[-1] > MAX_TOKEN_BYTES:
+                raise ValueError(f"{path}: merge {k} makes a token of {lengths[-1]:,} bytes; tokens "
+                                 f"are at most {MAX_TOKEN_BYTES} bytes")
+        tok = cls(pattern=pattern)  # compiles the pattern (and checks a custom one on the probe)
+        for k, pair in enumerate(merges):
+            tok.merges[tuple(pair)] = 256 + k
+            tok.vocab[256 + k] = tok.vocab[pair[0]] + tok.vocab[pair[1]]
+        tok.register_special_tokens(state["special_tokens"])
         return tok
 
     def __repr__(self) -> str:
         return (f"BPETokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, "
                 f"special_tokens={len(self.special_tokens)})")
-
-
-# ------------------------------------------------------------------------- showing tokens to people
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's printable stand-in for every byte (how HF shows byte-level tokens: " " -> "Ġ").
-
-    Printable Latin-1 bytes stand for themselves; the others (space, control bytes, ...) are
-    shifted to code points 256+, so each of the 256 bytes gets one visible character.
-    """
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-            *range(ord("®"), ord("ÿ") + 1)]
-    mapping, shift = {}, 0
-    for b in range(256):
-        if b in keep:
-            mapping[b] = chr(b)
-        else:
-            mapping[b] = chr(256 + shift)
-            shift += 1
-    return mapping
-
-
-def token_pieces(tokenizer, text: str) -> list[bytes]:
-    """The bytes of each token of `text`, for our BPETokenizer or a HF (byte-level) tokenizer."""
-    if isinstance(tokenizer, BPETokenizer):
-        return [tokenizer.vocab.get(i) or tokenizer.decode_bytes([i])
-                for i in tokenizer.encode(text, allowed_special="all")]
-    _check_text(text)
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    to_byte = {c: b for b, c in bytes_to_unicode().items()}
-    pieces = []
-    for token_id, token in zip(ids, tokenizer.convert_ids_to_tokens(ids)):
-        if all(c in to_byte for c in token):  # a byte-level token, shown in GPT-2's alphabet
-            pieces.append(bytes(to_byte[c] for c in token))
-        else:  # a special or added token
-            pieces.append(tokenizer.decode([token_id]).encode("utf-8"))
-    return pieces
-
-
-def readable(piece: bytes) -> str:
-    """A token's bytes as text; bytes that are only part of a character are shown as \\xNN."""
-    return piece.decode("utf-8", errors="backslashreplace")
-
-
-_COLOURS = ("#fde2a5", "#b9e4c9", "#c7d7f5", "#f7c6c7", "#e0cdf5", "#c9eef2")
-
-
-def tokens_html(pieces: list[bytes]) -> str:
-    """HTML that colours each token; spaces show as '·' and newlines as '↵' so you can see them."""
-    spans = []
-    for k, piece in enumerate(pieces):
-        text = html.escape(readable(piece)).replace(" ", "·").replace("\n", "↵<br>")
-        spans.append(f'<span style="background:{_COLOURS[k % len(_COLOURS)]};color:#000;'
-                     f'padding:1px 0;font-family:monospace">{text}</span>')
-    return f'<div style="line-height:1.9">{"".join(spans)}</div>'

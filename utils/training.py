@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from utils.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from utils.checkpoints import complete_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
 from utils.checks import check_int, check_number, check_positive_int, check_text
 
 # --------------------------------------------------------------------------------------------
@@ -256,6 +256,7 @@ def lr_at(step: int, config: TrainConfig) -> float:
     let the loss settle into the bottom of the valley instead of bouncing around it.
     Shown in lesson 05.
     """
+    check_int("step", step, low=0)  # a negative step would give a negative learning rate
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)  # 0 -> 1
@@ -410,8 +411,7 @@ def train(model, train_data: torch.Tensor, val_data: torch.Tensor, config: Train
         if checkpoint_interval is not None and done % checkpoint_interval == 0:
             save_checkpoint(Path(checkpoint_dir) / f"step_{done:06d}", model, optimizer, done,
                             history, config, data_generator)
-            complete = sorted(p for p in Path(checkpoint_dir).glob("step_*") if not p.name.endswith(".tmp"))
-            for old in complete[:-keep_checkpoints]:
+            for old in complete_checkpoints(checkpoint_dir)[:-keep_checkpoints]:  # by step number
                 shutil.rmtree(old)
         if stop_after is not None and done >= stop_after:
             break

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checks import check_choice, check_positive_int
+from .checks import check_choice, check_int, check_positive_int
 
 INDEX_KINDS = ("flat", "ivf", "hnsw", "ivfpq")
 
@@ -188,6 +188,9 @@ def index_bytes(index) -> int:
 
 def flat_bytes(n: int, d: int, bytes_per_value: int = 4) -> int:
     """Bytes of n d-dimensional vectors stored flat. Example: flat_bytes(1_000, 384) -> 1_536_000 (float32)."""
+    check_int("n (number of vectors)", n, low=0)
+    check_positive_int("d (dimension)", d)
+    check_positive_int("bytes_per_value", bytes_per_value)
     return n * d * bytes_per_value
 
 
@@ -202,7 +205,12 @@ def memory_estimate(n: int, d: int = 384, kind: str = "flat", M: int = 32, m: in
     Shown in lesson 10. Example: memory_estimate(1_000, 384, "flat") -> 1_536_000
     """
     check_choice("kind", kind, INDEX_KINDS)
-    vectors = flat_bytes(n, d)
+    vectors = flat_bytes(n, d)  # checks n >= 0 and d >= 1
+    for name, value in (("M", M), ("m", m), ("nlist", nlist)):
+        check_positive_int(name, value)
+    check_int("nbits", nbits, low=1, high=24)  # FAISS's product quantiser takes 1 to 24 bits per code
+    if kind == "ivfpq" and d % m:
+        raise ValueError(f"m (PQ sub-vectors) must divide the dimension {d}, got m={m}")
     if kind == "flat":
         return vectors
     if kind == "hnsw":
