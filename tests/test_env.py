@@ -50,3 +50,22 @@ def test_environment_report_names_the_essentials():
     for key in ("python", "torch", "transformers", "model cache", "running on", "gpu"):
         assert key in report and report[key]
     assert where_am_i() in ("local", "binder", "colab")
+
+
+def test_set_course_repo_points_every_link_at_a_fork(tmp_path):
+    import shutil
+
+    from utils.env import COURSE_REPO, REPO_ROOT, set_course_repo
+
+    for part in ("notebooks", "utils"):
+        (tmp_path / part).mkdir()
+    for nb in sorted((REPO_ROOT / "notebooks").glob("0[0-1]_*.ipynb")):
+        shutil.copy(nb, tmp_path / "notebooks" / nb.name)
+    shutil.copy(REPO_ROOT / "README.md", tmp_path / "README.md")
+    shutil.copy(REPO_ROOT / "utils" / "env.py", tmp_path / "utils" / "env.py")
+    assert set_course_repo("someone/my-course", root=tmp_path) == 4
+    for path in [*tmp_path.glob("notebooks/*.ipynb"), tmp_path / "README.md", tmp_path / "utils" / "env.py"]:
+        text = path.read_text(encoding="utf-8")
+        assert COURSE_REPO not in text and "someone/my-course" in text, path
+    with pytest.raises(ValueError, match="owner/name"):
+        set_course_repo("not a repo", root=tmp_path)

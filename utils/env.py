@@ -15,12 +15,15 @@ Every notebook calls `setup_notebook()` once. It
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
 import random
+import re
 import sys
 import warnings
+from pathlib import Path
 
 # Idle OpenMP threads sleep instead of spinning. With spinning (the default), torch on a busy
 # 2-core machine (a shared CI runner, a laptop running a browser) was measured up to ~90x slower.
@@ -31,6 +34,7 @@ import numpy as np
 
 from utils.checks import check_int
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 COURSE_REPO = "open-llm-course/llm-course"  # GitHub owner/name: badges and the Colab clone use it
 DEFAULT_THREADS = 2  # the course's reference machine is a 2-core laptop; Binder has 1 CPU
 
@@ -143,3 +147,39 @@ def environment_report() -> dict[str, str]:
         except ImportError:
             report[package] = "MISSING"
     return report
+
+
+def set_course_repo(new_repo: str, root: str | os.PathLike = REPO_ROOT) -> int:
+    """Point every badge, the Colab clone URL and COURSE_REPO at a fork; returns the files changed.
+
+    The repo's address is written in three kinds of places (the notebooks' badges and setup cells,
+    README's lesson table, COURSE_REPO here), and tests/test_notebooks.py checks they agree, so a
+    fork changes them all at once:  python -m utils.env --set-repo YOUR-NAME/llm-course
+    """
+    if not isinstance(new_repo, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]{0,38}/[A-Za-z0-9._-]{1,100}", new_repo):
+        raise ValueError(f"new_repo must look like 'owner/name' (a GitHub repository), got {new_repo!r}")
+    root = Path(root)
+    changed = 0
+    files = [*sorted((root / "notebooks").glob("*.ipynb")), root / "README.md", root / "utils" / "env.py"]
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        new = text.replace(f"github.com/{COURSE_REPO}", f"github.com/{new_repo}")  # clone URL, links
+        new = new.replace(f"github/{COURSE_REPO}/", f"github/{new_repo}/")  # Colab badge
+        new = new.replace(f"gh/{COURSE_REPO}/", f"gh/{new_repo}/")  # Binder badge
+        new = new.replace(f'COURSE_REPO = "{COURSE_REPO}"', f'COURSE_REPO = "{new_repo}"')
+        if new != text:
+            path.write_text(new, encoding="utf-8")
+            changed += 1
+    return changed
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="The course's environment; --set-repo points it at a fork.")
+    parser.add_argument("--set-repo", metavar="OWNER/NAME", help="rewrite badges and the Colab clone URL")
+    args = parser.parse_args()
+    if args.set_repo:
+        print(f"{set_course_repo(args.set_repo)} files now point at {args.set_repo}")
+    else:
+        print(json.dumps(environment_report(), indent=2))
