@@ -14,6 +14,10 @@ from utils.evaluation import (
     argmax,
     check_items,
     encode_pair,
+    item_table,
+    lettered_prompt,
+    parse_choice_text,
+    parse_letter,
     run_lm_eval,
     score_multiple_choice,
     write_lm_eval_task,
@@ -127,7 +131,7 @@ def test_bad_items_are_refused_with_a_clear_message(standin, items, error, messa
 
 
 def test_course_items_are_well_formed_and_balanced():
-    items = load_jsonl("14_mc_items.jsonl")
+    items = load_jsonl("15_mc_items.jsonl")
     check_items(items)
     assert len(items) >= 120 and len({item["id"] for item in items}) == len(items)
     assert all(len(item["choices"]) == 4 for item in items)
@@ -174,7 +178,7 @@ def test_parity_with_lm_eval_on_smollm2_from_the_course_model_folder(monkeypatch
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model, tok = load_chat_model()
-    items = [item for item in load_jsonl("14_mc_items.jsonl") if item["split"] == "test"][:20]
+    items = [item for item in load_jsonl("15_mc_items.jsonl") if item["split"] == "test"][:20]
     # lm-eval loads the converted safetensors folder itself (float32, cpu), as a learner would run it
     theirs = run_lm_eval(items, model.name_or_path, batch_size=8)
     assert_parity(score_multiple_choice(model, tok, items), items, theirs)
@@ -194,3 +198,48 @@ def test_pred_norm_counts_bytes_not_characters(standin):
         assert result["pred_norm"] == max(range(len(lps)), key=per_byte.__getitem__)
         differs += max(range(len(lps)), key=per_char.__getitem__) != result["pred_norm"]
     assert differs > 0  # the two rules really disagree on these items, so the test can tell them apart
+
+
+def test_item_table_marks_the_answer_and_both_picks():
+    item = {"question": "Which is a fruit?", "choices": ["apple", "a red brick"], "answer": 0}
+    result = {"logprobs": [-5.0, -6.0], "pred": 0, "pred_norm": 1}
+    lines = item_table(item, result).splitlines()
+    assert lines[0] == "Which is a fruit?"
+    assert lines[2].split() == ["A", "-5.00", "-1.00", "*", "acc", "apple"]
+    assert lines[3].split() == ["B", "-6.00", "-0.55", "acc_norm", "a", "red", "brick"]
+    with pytest.raises(ValueError, match="one logprob per choice"):
+        item_table(item, {"logprobs": [-1.0], "pred": 0, "pred_norm": 0})
+
+
+def test_lettered_prompt_lists_the_choices():
+    text = lettered_prompt({"question": "2+2?", "choices": ["4", "5", "6"], "answer": 0})
+    assert text == "2+2?\nA. 4\nB. 5\nC. 6\nAnswer with the letter of the right choice."
+
+
+@pytest.mark.parametrize("reply, strict, expected", [
+    ("B", True, 1), (" C. ", True, 2), ("B) Paris", True, None), ("The answer is C.", True, None),
+    ("B) Paris", False, 1), ("The answer is C.", False, 2), ("I think D", False, 3), ("E", False, None),
+    ("Apple", False, None), ("", False, None),
+])
+def test_parse_letter_strict_and_lenient(reply, strict, expected):
+    assert parse_letter(reply, 4, strict=strict) == expected
+
+
+def test_parse_choice_text_needs_exactly_one_choice():
+    choices = ["Lyon", "Paris", "Nice"]
+    assert parse_choice_text("It is PARIS.", choices) == 1
+    assert parse_choice_text("Paris or Lyon", choices) is None
+    assert parse_choice_text("Marseille", choices) is None
+    assert parse_choice_text("Niceville", choices) is None  # whole words only
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: parse_letter("A", 1), ValueError, "between 2 and 8"),
+    (lambda: parse_letter(3, 4), TypeError, "must be a str"),
+    (lambda: parse_choice_text("a", "ab"), TypeError, "list of strings"),
+    (lambda: lettered_prompt({"question": "q", "choices": [], "answer": 0}), ValueError, "non-empty list"),
+    (lambda: lettered_prompt({"question": "q", "choices": ["a", "b"], "answer": 5}), ValueError, "between 0 and 1"),
+])
+def test_bad_input_to_the_generation_parsers(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
