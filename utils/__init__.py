@@ -37,7 +37,9 @@ One concept per module, each a one-sitting read (see README's lesson map):
     utils.local_inference  GGUF internals, int8 dynamic quantisation, bandwidth maths          (lesson 11)
     utils.limits           probes for arithmetic and long context, built at run time            (lesson 12)
     utils.alignment        SFT, reward model, PPO, DPO and GRPO losses (checked against trl)  (lessons 12, 13)
-    utils.evaluation       multiple choice by log-likelihood (checked against lm-eval)          (lesson 14, in progress)
+    utils.evaluation       multiple choice by log-likelihood (checked against lm-eval), generation scoring (lesson 15)
+    utils.judge            LLM-as-judge: pairwise and rubric verdicts, position swaps          (lesson 15)
+    utils.contamination    n-gram overlap between training and test text                      (lesson 15)
     utils.distributed      lesson 05's training under torchrun: single, DDP, FSDP              (lesson 16, in progress)
 Modules are imported explicitly (`from utils.models import load_chat_model`) so that importing
 `utils` itself stays instant.

@@ -6,7 +6,7 @@ Every lesson that measures something reports it with one of these (shown in less
   between 30% and 70%". `accuracy_ci(flags)` and `rate_with_ci(flags)` wrap it for a list of booleans.
 * `mcnemar_p(correct_a, correct_b)`: are two systems, run on the *same* items, really different?
 * `bootstrap_ci(values)`: an interval for any statistic (a mean score, a median latency) by resampling.
-* `cohen_kappa(labels_a, labels_b)`: agreement of two raters beyond chance (lesson 14's judge vs humans).
+* `cohen_kappa(labels_a, labels_b)`: agreement of two raters beyond chance (lesson 15's judge vs humans).
 """
 
 from __future__ import annotations
