@@ -59,3 +59,26 @@ def test_every_handbook_answer_is_matched_by_its_own_aliases():
     for q in load_jsonl("09_handbook_questions.jsonl"):
         if q["answerable"] and not q["answer"].isdigit():  # bare numbers need their unit ("3 days")
             assert mentions_any(q["answer"], q["aliases"]), q["id"]
+
+
+def test_numeric_handbook_aliases_point_only_at_their_own_section():
+    """An alias with a digit that also matches another section would credit a copied wrong passage.
+
+    Whole-word matching still finds "16" in "16:00" (":" is not a word character), so such an alias
+    needs its unit ("16 characters"). The one allowed repeat is a phrase with the same unit and meaning.
+    """
+    from utils.answers import mentions_any
+    from utils.chunking import split_sections
+
+    sections = dict(split_sections(data.load_text("09_handbook.md")))
+    same_phrase_elsewhere = {("hb26", "10 working days"), ("hb26", "10 days")}  # onboarding: also 10 working days
+    for q in load_jsonl("09_handbook_questions.jsonl"):
+        for alias in q["aliases"]:
+            if not any(c.isdigit() for c in alias) or (q["id"], alias) in same_phrase_elsewhere:
+                continue
+            others = [name for name, text in sections.items() if name != q["source"] and mentions_any(text, [alias])]
+            assert not others, f"{q['id']}: alias {alias!r} also matches {others}"
+
+
+def test_arithmetic_problems_use_the_singular_for_one():
+    assert not any(" 1 cards" in p["question"] for p in load_jsonl("07_arithmetic.jsonl"))
