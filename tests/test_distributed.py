@@ -19,7 +19,15 @@ import psutil
 import pytest
 import torch.distributed as dist
 
-from utils.distributed import check_launch, held_bytes, main
+from utils.distributed import (
+    check_launch,
+    communication_bytes,
+    held_bytes,
+    launch,
+    launch_command,
+    main,
+    memory_per_rank,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 TORCHRUN_ENV = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
@@ -65,6 +73,7 @@ def test_check_launch_refuses_wrong_types():
     (["--mode", "single", "--steps", "0", "--batch-size", "8"], "steps must be a positive int"),
     (["--mode", "ddp", "--steps", "3", "--batch-size", "8"], "torchrun"),
     (["--mode", "single", "--steps", "3", "--batch-size", "8", "--threads", "0"], "threads must be"),
+    (["--mode", "single", "--steps", "3", "--batch-size", "8", "--bf16", "--dtype", "float64"], "float32 weights"),
 ])
 def test_main_exits_with_a_message_before_any_process_group(argv, message, monkeypatch, capsys):
     for name in TORCHRUN_ENV:
@@ -82,6 +91,43 @@ def test_held_bytes_counts_what_a_rank_stores():
     assert held_bytes([torch.zeros(3, 4), None, torch.zeros(5, dtype=torch.uint8)]) == 3 * 4 * 4 + 5
 
 
+def test_memory_per_rank_follows_the_zero_stages():
+    n = 1_000_000
+    ddp = memory_per_rank(n, 4, 0)
+    assert ddp == {"params": 4 * n, "grads": 4 * n, "optimizer": 8 * n, "total": 16 * n}
+    assert memory_per_rank(n, 4, 1)["total"] == 4 * n + 4 * n + 2 * n
+    assert memory_per_rank(n, 4, 2)["total"] == 4 * n + n + 2 * n
+    assert memory_per_rank(n, 4, 3)["total"] == 4 * n == 16 * n // 4
+    assert memory_per_rank(7_000_000_000, 8, 3)["total"] == 14_000_000_000
+    assert memory_per_rank(n, 1, 3) == ddp  # one rank: nothing to shard with
+    with pytest.raises(ValueError, match="zero_stage"):
+        memory_per_rank(n, 2, 4)
+    with pytest.raises(ValueError, match="world_size"):
+        memory_per_rank(n, 0, 1)
+
+
+def test_communication_bytes_of_ring_collectives():
+    assert communication_bytes(1_000_000, 2, "ddp") == 4_000_000  # 2 * (1/2) * 4 MB
+    assert communication_bytes(1_000_000, 8, "ddp") == 7_000_000  # approaches 2x the gradient bytes
+    assert communication_bytes(1_000_000, 2, "fsdp") == 6_000_000  # 1.5x DDP
+    assert communication_bytes(1_000_000, 1, "ddp") == 0  # alone: nothing to send
+    assert communication_bytes(1_000_000, 4, "single") == 0
+    with pytest.raises(ValueError, match="mode must be one of"):
+        communication_bytes(10, 2, "zero3")
+
+
+def test_launch_command_under_each_launcher():
+    assert launch_command("single", 3, 8, 1)[1:] == ["-m", "utils.distributed", "--mode", "single", "--steps", "3",
+                                                     "--batch-size", "8", "--seed", "1"]
+    torchrun = launch_command("ddp", 3, 8, nproc=2, port=12345)
+    assert torchrun[1:3] == ["-m", "torch.distributed.run"] and "127.0.0.1" in torchrun and "12345" in torchrun
+    accelerate = launch_command("fsdp", 3, 8, launcher="accelerate", port=12345)
+    assert accelerate[1:3] == ["-m", "accelerate.commands.launch"] and accelerate[-10:-6] == [
+        "-m", "utils.distributed", "--mode", "fsdp"]
+    with pytest.raises(ValueError, match="launcher"):
+        launch_command("ddp", 3, 8, launcher="deepspeed")
+
+
 # --------------------------------------------------------------------------------------------
 # Real runs: one process, then torchrun with 2 processes
 # --------------------------------------------------------------------------------------------
@@ -92,7 +138,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(mode: str, nproc: int | None, *extra: str) -> subprocess.CompletedProcess:
+def launch_cli(mode: str, nproc: int | None, *extra: str) -> subprocess.CompletedProcess:
     """Run the command line (under torchrun when nproc is given) on loopback; every process must exit."""
     args = ["-m", "utils.distributed", "--mode", mode, "--steps", str(STEPS), "--batch-size", str(BATCH),
             "--seed", str(SEED), "--device", "cpu", *extra]
@@ -134,7 +180,7 @@ def parse(result: subprocess.CompletedProcess) -> tuple[list[float], dict]:
 
 @pytest.fixture(scope="module")
 def single():
-    return parse(launch("single", None))
+    return parse(launch_cli("single", None))
 
 
 @pytest.mark.slow
@@ -149,7 +195,7 @@ def test_single_run_trains(single):
                                          ("ddp", ("--grad-accum", "2")), ("fsdp", ("--grad-accum", "2"))])
 def test_two_processes_give_the_single_process_losses(mode, extra, single):
     # separate processes, the same seed: the same weights, the same batches and so the same losses
-    losses, summary = parse(launch(mode, 2, *extra))
+    losses, summary = parse(launch_cli(mode, 2, *extra))
     assert losses == pytest.approx(single[0], abs=1e-4)
     assert summary["world_size"] == 2 and len(summary["ranks"]) == 2
     full = single[1]["ranks"][0]
@@ -164,7 +210,42 @@ def test_two_processes_give_the_single_process_losses(mode, extra, single):
 
 @pytest.mark.slow
 def test_a_bad_launch_under_torchrun_fails_cleanly():
-    result = launch("ddp", 2, "--batch-size", "3")  # a later --batch-size wins: 3 rows for 2 processes
+    result = launch_cli("ddp", 2, "--batch-size", "3")  # a later --batch-size wins: 3 rows for 2 processes
     assert result.returncode != 0
     assert "must be divisible by the number of processes 2" in result.stderr
     assert '"step"' not in result.stdout
+
+
+@pytest.mark.slow
+def test_accelerate_launch_gives_the_same_losses(single):
+    losses, summary = launch("ddp", STEPS, BATCH, SEED, nproc=2, launcher="accelerate", extra=("--device", "cpu"),
+                             timeout=TIMEOUT_S)
+    assert losses == pytest.approx(single[0], abs=1e-4)
+    assert summary["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_bf16_autocast_changes_the_losses_a_little(single):
+    losses, summary = launch("single", STEPS, BATCH, SEED, extra=("--device", "cpu", "--bf16"), timeout=TIMEOUT_S)
+    assert summary["bf16"] is True
+    differences = [abs(a - b) for a, b in zip(losses, single[0])]
+    assert 0 < max(differences) < 0.1, differences  # rounded matmuls: close, not equal
+
+
+@pytest.mark.slow
+def test_launch_reports_a_failed_run():
+    with pytest.raises(RuntimeError, match="must be divisible by the number of processes 2"):
+        launch("ddp", STEPS, 3, SEED, nproc=2, extra=("--device", "cpu"), timeout=TIMEOUT_S)
+
+
+@pytest.mark.slow
+def test_training_data_is_lesson_05s_training_ids():
+    import torch
+
+    from utils.distributed import training_data
+    from utils.tiny_gpt import shakespeare_char_data
+
+    ids, vocab_size = training_data()
+    tokenizer, train_ids, _ = shakespeare_char_data()
+    assert vocab_size == tokenizer.vocab_size and ids.dtype == torch.uint8
+    assert torch.equal(ids.long(), train_ids)

@@ -4,9 +4,11 @@
     torchrun --standalone --nproc_per_node 2 -m utils.distributed --mode ddp --steps 20 --batch-size 16
     torchrun --standalone --nproc_per_node 2 -m utils.distributed --mode fsdp --steps 20 --batch-size 16
 
-All three print the same loss at every step (measured: within 3e-5): rank 0 writes one JSON line per step,
-{"step": i, "loss": ...}, then one {"summary": {...}} line with step times, tokens/s and the bytes
-of parameters, gradients and optimizer state that each rank holds. Shown in lesson 16.
+All three print the same loss at every step (measured: within 5e-7 over 30 steps, float64): rank 0
+writes one JSON line per step, {"step": i, "loss": ...}, then one {"summary": {...}} line with step
+times, tokens/s and the bytes of parameters, gradients and optimizer state that each rank holds. Shown in lesson 17.
+`launch()` runs the command line as child processes (under torchrun or `accelerate launch`) and
+returns the losses; `communication_bytes` and `memory_per_rank` are the arithmetic of N GPUs.
 
 Why the losses agree. `--batch-size B` is the GLOBAL batch. Every rank draws the SAME B windows
 from a generator seeded with `--seed` and keeps its own slice of B/K rows (K = number of
@@ -21,6 +23,12 @@ order of floating-point additions differs (the sums are split differently): abou
 growing to ~1e-5 as training amplifies it.
 Gradient accumulation (`--grad-accum M`) splits each rank's slice into M equal micro-batches and
 divides each micro-batch loss by M: the same mean again, computed in pieces.
+
+Float64 by default. The rounding differences above are amplified by training:
+in float32, after 30 AdamW steps at lesson 05's learning rate, single and DDP (or the same single
+run with 1 vs 2 threads) drift apart by more than 1e-4. In float64 the same differences start near
+1e-16 and stay far below 1e-4 for any run this script is used for, so a per-step comparison tests
+the method, not the rounding. `--dtype float32` shows the drift; `--bf16` autocasts float32 weights.
 
 DDP vs FSDP (the ZeRO stages). In float32, AdamW training holds 4 bytes of parameter, 4 of
 gradient and 8 of optimizer state (two moments) per parameter: 16 bytes each.
@@ -42,17 +50,20 @@ import json
 import os
 import random
 import resource
+import socket
 import statistics
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from utils.checks import check_int, check_positive_int
+from utils.checks import check_choice, check_int, check_positive_int
 from utils.gpt import GPT, GPTConfig
-from utils.tiny_gpt import TINY_MODEL_SHAPE, TINY_TRAIN_CONFIG, shakespeare_char_data
+from utils.tiny_gpt import TINY_MODEL_SHAPE, TINY_TRAIN_CONFIG
 from utils.training import TrainConfig, get_batch, lr_at, make_optimizer
 
 MODES = ("single", "ddp", "fsdp")
@@ -91,11 +102,59 @@ def check_launch(mode: str, steps: int, batch_size: int, seed: int, grad_accum: 
     return world_size
 
 
+ZERO_STAGES = {0: "DDP: everything replicated", 1: "optimizer state sharded",
+               2: "+ gradients sharded", 3: "+ parameters sharded (FSDP)"}
+
+
+def memory_per_rank(n_params: int, world_size: int, zero_stage: int, param_bytes: int = 4, grad_bytes: int = 4,
+                    optimizer_bytes: int = 8) -> dict:
+    """Bytes of parameters, gradients and optimizer state ONE rank holds (activations not included).
+
+    Defaults: float32 AdamW (4 + 4 + 8 bytes per parameter). Shown in lesson 17.
+    Example: memory_per_rank(7_000_000_000, 8, 3)["total"] -> 14_000_000_000  (7B, 8 GPUs, ZeRO-3)
+    """
+    check_positive_int("n_params", n_params)
+    check_positive_int("world_size", world_size)
+    check_int("zero_stage", zero_stage, low=0, high=3)
+    shard = {"params": zero_stage >= 3, "grads": zero_stage >= 2, "optimizer": zero_stage >= 1}
+    held = {name: n_params * size // (world_size if shard[name] else 1)
+            for name, size in (("params", param_bytes), ("grads", grad_bytes), ("optimizer", optimizer_bytes))}
+    return held | {"total": sum(held.values())}
+
+
+def communication_bytes(n_params: int, world_size: int, mode: str, bytes_per_value: int = 4) -> int:
+    """Bytes ONE rank sends per optimizer step (ring algorithms), for gradients of n_params values.
+
+    ddp:  an all-reduce = reduce-scatter + all-gather: 2 (K-1)/K of the gradient bytes.
+    fsdp: all-gather the weights for forward and again for backward, reduce-scatter the gradients:
+          3 (K-1)/K of them. single: nothing. Shown in lesson 17.
+    Example: communication_bytes(1_000_000, 2, "ddp") -> 4_000_000
+    """
+    check_positive_int("n_params", n_params)
+    check_positive_int("world_size", world_size)
+    check_choice("mode", mode, MODES)
+    passes = {"single": 0, "ddp": 2, "fsdp": 3}[mode]
+    return passes * (world_size - 1) * n_params * bytes_per_value // world_size
+
+
 def training_data() -> tuple[torch.Tensor, int]:
-    """(train_ids, vocab_size): lesson 05's character-level Shakespeare, training works only."""
-    tokenizer, train_ids, _ = shakespeare_char_data()  # lesson 05's split and its 84 characters
-    # uint8 holds every id (vocab < 256) in 1/8 of int64's memory; get_batch converts windows to long
-    return train_ids.to(torch.uint8), tokenizer.vocab_size  # (N,)
+    """(train_ids, vocab_size): lesson 05's character-level Shakespeare, training works only.
+
+    The same ids as lesson 05's `shakespeare_char_data()`, encoded through a lookup table into uint8
+    (every id < 256) instead of a Python list and an int64 tensor: ~70 MB less peak memory in every
+    rank, which counts when several ranks share one machine. get_batch converts windows to int64.
+    """
+    import numpy as np
+
+    from utils.data import shakespeare
+    from utils.training import VAL_WORKS, CharTokenizer, split_by_work
+
+    train_text, val_text = split_by_work(shakespeare(), VAL_WORKS)  # lesson 05's split
+    tokenizer = CharTokenizer.from_text(train_text + val_text)  # and its 84 characters
+    codes = np.frombuffer(train_text.encode("utf-32-le"), dtype=np.uint32)  # (N,) code points
+    table = np.zeros(max(map(ord, tokenizer.chars)) + 1, dtype=np.uint8)  # code point -> id
+    table[[ord(c) for c in tokenizer.chars]] = np.arange(tokenizer.vocab_size, dtype=np.uint8)
+    return torch.from_numpy(table[codes]), tokenizer.vocab_size  # (N,) uint8
 
 
 def wrap(model: GPT, mode: str, device: torch.device, world_size: int) -> torch.nn.Module:
@@ -140,7 +199,7 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 def run(mode: str, steps: int, batch_size: int, seed: int, grad_accum: int = 1, bf16: bool = False,
-        device_name: str = "auto", threads: int | None = None) -> None:
+        device_name: str = "auto", threads: int | None = None, dtype_name: str = "auto") -> None:
     """Train for `steps` steps; rank 0 prints the JSON lines. Call check_launch first.
 
     threads: CPU threads per process; None shares the cores (2 processes on 2 cores: 1 thread each,
@@ -166,7 +225,9 @@ def run(mode: str, steps: int, batch_size: int, seed: int, grad_accum: int = 1, 
     rank = dist.get_rank() if mode != "single" else 0
 
     train_ids, vocab_size = training_data()
+    dtype = {"float32": torch.float32, "float64": torch.float64}.get(dtype_name, torch.float32 if bf16 else torch.float64)
     model = GPT(GPTConfig(vocab_size=vocab_size, block_size=BLOCK_SIZE, **MODEL_SHAPE))  # built on CPU
+    model = model.to(dtype)  # float64 by default: see the module docstring
     model = wrap(model, mode, device, world_size)
     config = TrainConfig(max_steps=steps, batch_size=batch_size, block_size=BLOCK_SIZE, lr=PEAK_LR,
                          min_lr=MIN_LR, warmup_steps=steps // 20, seed=seed)  # lesson 05: 5% warm-up
@@ -197,7 +258,7 @@ def run(mode: str, steps: int, batch_size: int, seed: int, grad_accum: int = 1, 
             with no_sync:
                 with autocast:
                     logits = model(xm)  # (B/K/M, T, vocab)
-                loss = F.cross_entropy(logits.float().reshape(-1, vocab_size), ym.reshape(-1)) / grad_accum
+                loss = F.cross_entropy(logits.to(dtype).reshape(-1, vocab_size), ym.reshape(-1)) / grad_accum
                 loss.backward()
             loss_sum += loss.detach()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)  # norm of the FULL gradient
@@ -226,6 +287,7 @@ def run(mode: str, steps: int, batch_size: int, seed: int, grad_accum: int = 1, 
         slowest = max(r["step_time_median_s"] for r in ranks)  # a step ends when the slowest rank ends
         summary = {"mode": mode, "world_size": world_size, "device": device.type, "steps": steps,
                    "global_batch": batch_size, "grad_accum": grad_accum, "bf16": bf16,
+                   "dtype": str(dtype).removeprefix("torch."), "n_params": sum(p.numel() for p in params),
                    "tokens_per_s": batch_size * BLOCK_SIZE / slowest, "ranks": ranks}
         print(json.dumps({"summary": summary}), flush=True)
     if mode != "single":
@@ -242,6 +304,68 @@ def run(mode: str, steps: int, batch_size: int, seed: int, grad_accum: int = 1, 
         del finished  # the process group is gone: only this thread can free it now
 
 
+LAUNCHERS = ("torchrun", "accelerate")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def launch_command(mode: str, steps: int, batch_size: int, seed: int = 0, nproc: int = 2,
+                   launcher: str = "torchrun", extra=(), port: int = 29500) -> list[str]:
+    """The command that runs this module: alone (mode "single") or with `nproc` processes started by
+    torchrun or by `accelerate launch` (which calls torchrun itself), rendezvous on 127.0.0.1:port.
+
+    Example: launch_command("ddp", 5, 8)[:3] -> [sys.executable, "-m", "torch.distributed.run"]
+    """
+    check_choice("launcher", launcher, LAUNCHERS)
+    check_positive_int("nproc", nproc)
+    script = ["-m", "utils.distributed", "--mode", mode, "--steps", str(steps), "--batch-size",
+              str(batch_size), "--seed", str(seed), *extra]
+    if mode == "single":
+        return [sys.executable, *script]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+                "--master-addr", "127.0.0.1", "--master-port", str(port), *script]
+    # --multi_gpu picks accelerate's torchrun path; on a machine without GPUs it runs on the CPU (gloo)
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), *script]
+
+
+def launch(mode: str, steps: int, batch_size: int, seed: int = 0, nproc: int = 2, launcher: str = "torchrun",
+           extra=(), timeout: float = 600.0) -> tuple[list[float], dict]:
+    """Run the command line as child processes; return (the loss of every step, rank 0's summary).
+
+    Loopback only (gloo over `lo`); a failed run raises RuntimeError with the end of its stderr, and
+    a run past `timeout` seconds is killed with all its processes. Shown in lesson 17.
+    Example: launch("fsdp", 20, 16, nproc=2)[0][:2] -> [4.4779, 4.0407]
+    """
+    import psutil
+
+    check_choice("mode", mode, MODES)
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    if Path("/sys/class/net/lo").exists():
+        env["GLOO_SOCKET_IFNAME"] = "lo"  # gloo talks over the loopback interface only
+    env.setdefault("MALLOC_ARENA_MAX", "2")  # fewer per-thread malloc arenas: less memory per rank
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = launch_command(mode, steps, batch_size, seed, nproc, launcher, extra, port)
+    with subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:  # the launcher and every worker it started
+            for leftover in [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    leftover.kill()
+            process.communicate()
+            raise TimeoutError(f"{' '.join(command)} ran past {timeout:g} s and was stopped") from None
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} exited with code {process.returncode}:\n{stderr[-3000:]}")
+    lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    return [line["loss"] for line in lines if "loss" in line], lines[-1]["summary"]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m utils.distributed", description=__doc__.split("\n")[0])
     parser.add_argument("--mode", choices=MODES, required=True)
@@ -250,6 +374,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seeds the weights and the order of the batches")
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per rank and step")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (the losses then differ)")
+    parser.add_argument("--dtype", choices=("auto", "float32", "float64"), default="auto",
+                        help="the weights' dtype; auto: float64, or float32 with --bf16 (autocast skips float64)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: a GPU per process if there are enough, else the CPU")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per process "
@@ -259,12 +385,16 @@ def main(argv=None) -> None:
         check_launch(args.mode, args.steps, args.batch_size, args.seed, args.grad_accum)
         if args.threads is not None:
             check_positive_int("threads", args.threads)
+        if args.bf16 and args.dtype == "float64":
+            raise ValueError("--bf16 needs float32 weights (autocast leaves float64 alone): use --dtype float32 "
+                             "or auto")
         if args.device == "cuda" and torch.cuda.device_count() < int(os.environ.get("LOCAL_WORLD_SIZE", "1")):
             raise ValueError("--device cuda needs a GPU for every process on this machine; "
                              f"torch sees {torch.cuda.device_count()}; use --device cpu or auto")
     except ValueError as err:
         parser.error(str(err))  # prints the usage and the message, exits with status 2
-    run(args.mode, args.steps, args.batch_size, args.seed, args.grad_accum, args.bf16, args.device, args.threads)
+    run(args.mode, args.steps, args.batch_size, args.seed, args.grad_accum, args.bf16, args.device, args.threads,
+        args.dtype)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import threading
 import time
 from pathlib import Path
 
-from utils.checks import check_int, check_number
+from utils.checks import check_choice, check_int, check_number
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 INSTANCE_ENV = "LLM_COURSE_SERVER_INSTANCE"  # the per-start id the child echoes in /health
@@ -174,11 +174,12 @@ atexit.register(stop_all_servers)
 
 
 def start_server(port: int | None = None, host: str = "127.0.0.1", timeout: float = 180.0,
-                 threads: int | None = None) -> ChatServer:
+                 threads: int | None = None, batching: str = "one_at_a_time") -> ChatServer:
     """Start `python -m utils.serving` as a child process and wait until its /health answers.
 
     port: None picks a free one; a port where something already listens is refused (RuntimeError).
     host: loopback only (ValueError otherwise). timeout: seconds to wait for the model to load.
+    batching: "one_at_a_time" or "continuous" (lesson 17's engine, utils.continuous_batching).
     If anything goes wrong while waiting, the child is stopped.
     """
     check_loopback(host)
@@ -188,6 +189,7 @@ def start_server(port: int | None = None, host: str = "127.0.0.1", timeout: floa
     check_number("timeout", timeout, low=0, low_open=True)
     if threads is not None:
         check_int("threads", threads, low=1, what=" or None")
+    check_choice("batching", batching, ("one_at_a_time", "continuous"))
     if port_is_open(host, port):
         raise RuntimeError(f"port {port} on {host} is already in use by another process; stop it, pick "
                            "another port, or pass port=None for a free one.")
@@ -201,6 +203,7 @@ def start_server(port: int | None = None, host: str = "127.0.0.1", timeout: floa
                "--parent-pid", str(os.getpid())]
     if threads is not None:
         command += ["--threads", str(threads)]
+    command += ["--batching", batching]
     with os.fdopen(log_fd, "wb") as log:  # the child keeps its own copy of the file descriptor
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    cwd=REPO_ROOT, env=env)

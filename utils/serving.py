@@ -72,6 +72,7 @@ from utils.chat_request import (  # noqa: F401  (the limits: re-exported, docume
     param_name,
     validate_request,
 )
+from utils.checks import check_choice
 from utils.sampling import max_positions, stream_tokens
 from utils.server_process import (  # noqa: F401  (start_server, ChatServer, stop_all_servers: re-exported)
     INSTANCE_ENV,
@@ -102,22 +103,26 @@ def held_back_chars(text: str, stops: list[str]) -> int:
 
 
 def stream_text(model, tokenizer, input_ids, max_tokens, temperature=0.0, top_p=None, stop=(),
-                seed=None, step_lock=None) -> Iterator[tuple[str, str | None, int]]:
+                seed=None, step_lock=None, engine=None) -> Iterator[tuple[str, str | None, int]]:
     """Yield (text piece, finish_reason or None, completion tokens so far) once per decoding step.
 
     The tokens come from lesson 06's KV-cached decoding loop, `stream_tokens` (batch of one, (1, T)
     prompt). A piece is "" while its text is held back (it may be the start of a stop string).
     finish_reason is "stop" (end-of-sequence token or a stop string, which is never sent) or
     "length" (max_tokens). step_lock: held around each step, so that concurrent requests take turns
-    on the CPU. Shown in lesson 11.
+    on the CPU. engine: a started utils.continuous_batching.ContinuousBatcher that decodes this request
+    in its shared batch instead (lesson 17). Shown in lesson 11.
     """
     stops = [s for s in stop if s]
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     eos = {tokenizer.eos_token_id} | set(eos if isinstance(eos, (list, tuple)) else [eos])
     eos = {int(t) for t in eos if t is not None}
-    steps = stream_tokens(model, input_ids, max_tokens, temperature, top_p=top_p, eos_token_id=eos or None,
-                          generator=generator)
+    if engine is not None:  # continuous batching (lesson 17): the engine's thread runs the steps
+        steps = engine.stream(input_ids[0].tolist(), max_tokens, temperature, top_p, generator)
+    else:
+        steps = stream_tokens(model, input_ids, max_tokens, temperature, top_p=top_p,
+                              eos_token_id=eos or None, generator=generator)
     lock = step_lock or nullcontext()
     tokens: list[int] = []
     sent = 0  # characters of the decoded text already sent
@@ -197,12 +202,17 @@ class BodySizeLimit:
 
 
 def create_app(model, tokenizer, model_id: str = MODEL_ID, default_max_tokens: int = 256,
-               instance_id: str | None = None):
+               instance_id: str | None = None, batching: str = "one_at_a_time"):
     """A FastAPI app serving `model` (a transformers causal LM) with OpenAI's chat-completions schema.
 
     instance_id: echoed by /health, so that start_server can tell its own child from another server.
     app.state.step_lock is the lock each decoding step holds (one model, one forward pass at a time).
+    batching: "one_at_a_time" (requests take turns, step by step) or "continuous" (lesson 17: one
+    batch that requests join and leave at every step, run by app.state.engine in a background thread).
     """
+    from utils.continuous_batching import BATCHING_MODES, start_engine
+
+    app_engine = start_engine(model, tokenizer, check_choice("batching", batching, BATCHING_MODES))
     app = FastAPI(title="llm-course chat API", version="1")
     app.add_middleware(BodySizeLimit)
     app.add_middleware(LoopbackHostOnly)  # added last: runs first
@@ -212,6 +222,7 @@ def create_app(model, tokenizer, model_id: str = MODEL_ID, default_max_tokens: i
     max_token_chars = max(len(token) for token in tokenizer.get_vocab())
     created = int(time.time())
     app.state.step_lock = step_lock = threading.Lock()
+    app.state.engine = app_engine  # None unless batching="continuous"
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError):
@@ -277,7 +288,8 @@ def create_app(model, tokenizer, model_id: str = MODEL_ID, default_max_tokens: i
         input_ids = await run_in_threadpool(tokenize, settings)  # CPU work: off the event loop
         prompt_tokens = input_ids.shape[1]
         pieces = stream_text(model, tokenizer, input_ids, settings["max_tokens"], settings["temperature"],
-                             settings["top_p"], settings["stop"], settings["seed"], step_lock)
+                             settings["top_p"], settings["stop"], settings["seed"],
+                             None if app_engine else step_lock, engine=app_engine)
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         now = int(time.time())
 
@@ -356,6 +368,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the course's)")
+    parser.add_argument("--batching", choices=("one_at_a_time", "continuous"), default="one_at_a_time")
     args = parser.parse_args(argv)
     check_loopback(args.host)
     if args.parent_pid is not None:
@@ -370,7 +383,8 @@ def main(argv: list[str] | None = None) -> None:
     setup_notebook(seed=0, threads=args.threads)
     model, tokenizer = load_chat_model()
     # proxy_headers=False: no proxy stands in front, so X-Forwarded-For is not trusted
-    uvicorn.run(create_app(model, tokenizer, instance_id=instance_id), host=args.host, port=args.port,
+    app = create_app(model, tokenizer, instance_id=instance_id, batching=args.batching)
+    uvicorn.run(app, host=args.host, port=args.port,
                 log_level="warning", proxy_headers=False)
 
 
