@@ -36,11 +36,15 @@ One concept per module, each a one-sitting read (see README's lesson map):
     utils.server_process   starting and stopping that server as a child process (loopback only)  (lesson 11)
     utils.local_inference  GGUF internals, int8 dynamic quantisation, bandwidth maths          (lesson 11)
     utils.limits           probes for arithmetic and long context, built at run time            (lesson 12)
-    utils.alignment        SFT, reward model, PPO, DPO and GRPO losses (checked against trl)  (lessons 12, 13)
+    utils.alignment        SFT, reward model, PPO, DPO and GRPO losses (checked against trl)  (lessons 13, 14)
     utils.evaluation       multiple choice by log-likelihood (checked against lm-eval), generation scoring (lesson 15)
     utils.judge            LLM-as-judge: pairwise and rubric verdicts, position swaps          (lesson 15)
     utils.contamination    n-gram overlap between training and test text                      (lesson 15)
-    utils.distributed      lesson 05's training under torchrun: single, DDP, FSDP              (lesson 16, in progress)
+    utils.distributed      lesson 05's training under torchrun: single, DDP, FSDP; memory maths (lesson 17)
+    utils.continuous_batching  a decoding engine that admits requests between steps         (lesson 17)
+    utils.load_generator   many concurrent clients against a server: throughput, latency       (lesson 17)
+    utils.chroma_server    Chroma as a server process (loopback only)                           (lesson 17)
+    utils.vector_shards    one FAISS index split across worker processes, top-k merged         (lesson 17)
 Modules are imported explicitly (`from utils.models import load_chat_model`) so that importing
 `utils` itself stays instant.
 """
