@@ -5,6 +5,7 @@ One concept per module, each a one-sitting read (see README's lesson map):
     utils.models           load_chat_model(), load_embedder(): the offline, verified models    (lesson 00)
     utils.data             python_docs(), shakespeare(), the course's own data sets             (lesson 00)
     utils.colab            installs what Colab lacks (run by the notebooks' setup cell)         (lesson 00)
+    utils.diagrams         the course's diagrams, drawn with matplotlib                       (lessons 04-17)
     utils.checks           small argument checks: TypeError / ValueError that say what is allowed
     utils.tokenization     byte-level BPE from scratch: train, encode, decode, save/load        (lesson 01)
     utils.token_display    each token's bytes, readable and coloured                           (lesson 01)
@@ -37,6 +38,7 @@ One concept per module, each a one-sitting read (see README's lesson map):
     utils.local_inference  GGUF internals, int8 dynamic quantisation, bandwidth maths          (lesson 11)
     utils.limits           probes for arithmetic and long context, built at run time            (lesson 12)
     utils.alignment        SFT, reward model, PPO, DPO and GRPO losses (checked against trl)  (lessons 13, 14)
+    utils.grpo             GRPO: groups of sampled answers, verifiable rewards, the update     (lesson 14)
     utils.evaluation       multiple choice by log-likelihood (checked against lm-eval), generation scoring (lesson 15)
     utils.judge            LLM-as-judge: pairwise and rubric verdicts, position swaps          (lesson 15)
     utils.contamination    n-gram overlap between training and test text                      (lesson 15)
