@@ -5,7 +5,8 @@ the Colab + Binder badges pointing at itself; the shared setup cell second; at l
 self-check; an exercises section with unfoldable solutions; a recap; stored outputs from one
 clean top-to-bottom run (execution counts 1..n, no stored errors); at least one cell whose output
 nbval checks, none of which writes to stderr. Code a notebook shows "the same as utils" must be
-byte-for-byte the code in utils (no drifting copies).
+byte-for-byte the code in utils (no drifting copies). Every "Check your understanding" list is
+followed by unfoldable answers, one per question.
 """
 
 from __future__ import annotations
@@ -123,3 +124,35 @@ def test_code_shown_as_utils_is_the_utils_code(notebook):
             shown = "\n".join(cell.source.splitlines()[first:defs[0].end_lineno])
             assert textwrap.dedent(inspect.getsource(obj)).strip() == shown.strip(), (
                 f"the notebook's {name} has drifted from {dotted}")
+
+
+CYU_HEADING = re.compile(r"^\**Check your understanding\**\s*$", re.MULTILINE | re.IGNORECASE)
+NUMBERED_LINE = re.compile(r"^\s*(?:\*\*)?(\d+)\.(?:\*\*)?\s", re.MULTILINE)
+ANSWER_BLOCK = re.compile(r"<details>\s*<summary>\s*(Answers?)\b([^<]*)</summary>(.*?)</details>",
+                          re.DOTALL | re.IGNORECASE)
+
+
+def test_check_your_understanding_questions_have_answers(notebook):
+    """Every "Check your understanding" list is followed by unfoldable answers, one per question:
+    <details><summary>Answers</summary> with numbered answers 1., 2., ... (or one block per
+    question, <summary>Answer 2</summary>)."""
+    _, nb = notebook
+    markdown = "\n\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    headings = list(CYU_HEADING.finditer(markdown))
+    if not headings:
+        pytest.skip("no 'Check your understanding' section")
+    for heading in headings:
+        after = markdown[heading.end():]
+        first_block = after.find("<details>")
+        assert first_block != -1, "the questions need an answers <details> block after them"
+        questions = {int(n) for n in NUMBERED_LINE.findall(after[:first_block])}
+        assert questions == set(range(1, len(questions) + 1)) and questions, (
+            f"questions should be numbered 1..n right after the heading, got {sorted(questions)}")
+        answered = set()
+        for kind, summary_rest, body in ANSWER_BLOCK.findall(after[first_block:]):
+            if kind.lower() == "answer":  # one block per question: "Answer 3"
+                answered.update(int(n) for n in re.findall(r"\d+", summary_rest)[:1])
+            else:
+                answered.update(int(n) for n in NUMBERED_LINE.findall(body))
+        missing = sorted(questions - answered)
+        assert not missing, f"no answer for question(s) {missing} of 'Check your understanding'"

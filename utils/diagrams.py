@@ -2,8 +2,9 @@
 
 Each diagram is a function with no required arguments that returns a matplotlib Figure; a notebook
 cell ends with it, so Jupyter stores the picture as a PNG output (GitHub, JupyterLab and Colab all
-render that). The figures are made with `Figure()`, not `plt.figure()`: pyplot's global state is left
-alone and nothing is shown twice.
+render that). The figures are made directly, not with `plt.figure()`: pyplot's global state is left
+alone and nothing is shown twice; `Diagram._repr_png_` lets Jupyter draw one even in a notebook
+that has not imported pyplot.
 
     from utils.diagrams import transformer_blocks
     transformer_blocks()          # the last expression of a cell: Jupyter displays it
@@ -13,6 +14,8 @@ The first section holds the drawing helpers (coordinates are in data units of an
 """
 
 from __future__ import annotations
+
+import io
 
 from matplotlib.figure import Figure
 from matplotlib.patches import Circle, FancyArrowPatch, FancyBboxPatch
@@ -36,6 +39,15 @@ COLORS = {
 }
 
 
+class Diagram(Figure):
+    """A Figure that Jupyter can display as a PNG without pyplot's inline backend."""
+
+    def _repr_png_(self) -> bytes:
+        buffer = io.BytesIO()
+        self.savefig(buffer, format="png")
+        return buffer.getvalue()
+
+
 def canvas(width: float, height: float, inches_per_unit: float = 1.0, title: str | None = None):
     """A Figure with one axis spanning [0, width] x [0, height], no ticks, equal scale.
 
@@ -44,7 +56,7 @@ def canvas(width: float, height: float, inches_per_unit: float = 1.0, title: str
     width = check_number("width", width, low=0, low_open=True)
     height = check_number("height", height, low=0, low_open=True)
     scale = check_number("inches_per_unit", inches_per_unit, low=0, low_open=True)
-    fig = Figure(figsize=(width * scale, height * scale), dpi=100)
+    fig = Diagram(figsize=(width * scale, height * scale), dpi=100)
     ax = fig.add_axes((0, 0, 1, 1))
     ax.set_xlim(0, width)
     ax.set_ylim(0, height)
@@ -103,6 +115,113 @@ def path(ax, points: list[tuple[float, float]], color: str = "#444444"):
     ax.plot(xs, ys, color=color, linewidth=1.3, solid_capstyle="round")
     arrow(ax, points[-2], points[-1], color=color)
 
+
+# ---------------------------------------------------------------------------------------------------
+# Lesson 04: three transformer blocks
+# ---------------------------------------------------------------------------------------------------
+
+def _block_column(ax, x: float, layers: list[tuple[str, tuple[str, str]]], norm_first: bool) -> float:
+    """One block drawn bottom (input) to top (output) at horizontal position x; returns the top y.
+
+    layers: one (norm text, (sublayer text, sublayer kind)) per sublayer; norm_first: pre-norm
+    (norm, sublayer, +) or post-norm (sublayer, +, norm).
+    """
+    skip_x = x + 1.45  # the residual path runs right of the boxes
+    ax.text(x, 0.3, "x  (B, T, C)", ha="center", va="center", fontsize=10)
+    below = (x, 0.45)  # the top of whatever was drawn last
+    y = 1.3            # the centre of the next box
+    for norm_text, (sub_text, sub_kind) in layers:
+        first_height = 0.6 if norm_first else 0.75
+        branch_y = (below[1] + y - first_height / 2) / 2  # the residual stream leaves here...
+        ax.plot([x, skip_x], [branch_y, branch_y], color="#888888", linewidth=1.3)
+        if norm_first:
+            norm = box(ax, (x, y), norm_text, kind="norm")
+            arrow(ax, below, norm["bottom"])
+            sub = box(ax, (x, y + 1.0), sub_text, kind=sub_kind, height=0.75)
+            arrow(ax, norm["top"], sub["bottom"])
+            add = plus(ax, (x, y + 1.85))
+            arrow(ax, sub["top"], add["bottom"])
+            below, y = add["top"], y + 2.55
+        else:
+            sub = box(ax, (x, y), sub_text, kind=sub_kind, height=0.75)
+            arrow(ax, below, sub["bottom"])
+            add = plus(ax, (x, y + 0.85))
+            arrow(ax, sub["top"], add["bottom"])
+            norm = box(ax, (x, y + 1.6), norm_text, kind="norm")
+            arrow(ax, add["top"], norm["bottom"])
+            below, y = norm["top"], y + 2.6
+        # ...and is added back: the skip connection
+        path(ax, [(skip_x, branch_y), (skip_x, add["right"][1]), add["right"]], color="#888888")
+    arrow(ax, below, (x, below[1] + 0.45))
+    ax.text(x, below[1] + 0.55, "to the next block", ha="center", va="bottom", fontsize=10)
+    return below[1] + 0.8
+
+
+def transformer_blocks() -> Figure:
+    """Post-LN (the original transformer's block, as most diagrams draw it), pre-LN (GPT-2, the GPT of
+    lessons 04-05) and the Llama block (SmolLM2), side by side, input at the bottom. Shown in lesson 04."""
+    fig, ax = canvas(12.5, 8.8, inches_per_unit=0.8)
+    ax.set_ylim(-1.1, 7.7)
+    mlp = ("MLP: 4x wider,\nGELU, back", "mlp")
+    columns = [  # x, title, subtitle, layers, norm_first, note
+        (1.6, "post-LN", "original transformer (2017), BERT;\nBlock(pre_ln=False)",
+         [("LayerNorm", ("multi-head attention\n(causal in a GPT)", "attention")), ("LayerNorm", mlp)],
+         False, "x = LN(x + f(x)): every LayerNorm\nsits on the residual path"),
+        (5.8, "pre-LN", "GPT-2, GPT-3; Block(pre_ln=True),\nthe GPT you pretrain in lesson 05",
+         [("LayerNorm", ("causal multi-head\nattention", "attention")), ("LayerNorm", mlp)],
+         True, "x = x + f(LN(x)): the residual path is\nuntouched; a final LayerNorm (ln_f)\n"
+               "follows the last block"),
+        (10.0, "Llama", "Llama, SmolLM2;\nLlamaBlock",
+         [("RMSNorm", ("grouped-query attn.,\nRoPE on q and k", "attention")), ("RMSNorm", ("SwiGLU MLP", "mlp"))],
+         True, "pre-norm like GPT-2; no biases, no\nposition table (RoPE), a final RMSNorm"),
+    ]
+    for x, title, subtitle, layers, norm_first, note in columns:
+        _block_column(ax, x, layers, norm_first)
+        ax.text(x + 0.2, 7.45, title, ha="center", va="center", fontsize=12, weight="bold")
+        ax.text(x + 0.2, 7.0, subtitle, ha="center", va="center", fontsize=9, style="italic")
+        ax.text(x + 0.2, -0.05, note, ha="center", va="top", fontsize=8.5, color="#333333")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------
+# Lesson 05: from a pretrained model to a chat model
+# ---------------------------------------------------------------------------------------------------
+
+def training_pipeline() -> Figure:
+    """Pretraining -> supervised fine-tuning -> preference tuning (reward model + PPO, or DPO) or RL
+    with a verifiable reward (GRPO), with the data each stage learns from and the lesson that builds
+    it. Shown in lesson 05."""
+    fig, ax = canvas(14.2, 7.0, inches_per_unit=0.8)
+    pre = box(ax, (1.6, 3.2), "Pretraining\nnext-token prediction\n(lesson 05)", width=2.6, height=1.2,
+              kind="stage")
+    ax.text(1.6, 4.2, "raw text: books, web, code\n(trillions of tokens)", ha="center", va="bottom",
+            fontsize=9)
+    base = box(ax, (4.3, 3.2), "base model", width=1.5, height=0.6, kind="model")
+    arrow(ax, pre["right"], base["left"])
+    sft = box(ax, (6.8, 3.2), "SFT\nsupervised fine-tuning\n(lesson 13)", width=2.6, height=1.2,
+              kind="stage")
+    arrow(ax, base["right"], sft["left"])
+    ax.text(6.8, 4.2, "demonstrations:\n(prompt, good answer) pairs", ha="center", va="bottom", fontsize=9)
+
+    rm = box(ax, (9.5, 5.2), "reward model\n(lesson 13)", width=1.9, height=0.9, kind="stage")
+    ppo = box(ax, (11.9, 5.2), "PPO: RL against\nthe reward model\n(lesson 13)", width=2.1, height=1.1,
+              kind="stage")
+    arrow(ax, rm["right"], ppo["left"])
+    dpo = box(ax, (10.7, 3.2), "DPO: learns from the same pairs\ndirectly, no reward model\n(lesson 13)",
+              width=3.3, height=1.1, kind="stage")
+    grpo = box(ax, (10.7, 1.0), "GRPO: RL with a checkable\nreward, advantages within\n"
+               "a group of answers (lesson 14)", width=3.3, height=1.1, kind="stage")
+    for target, label in ((rm["left"], None), (dpo["left"], None), (grpo["left"], None)):
+        arrow(ax, sft["right"], target, label=label)
+    ax.text(10.7, 5.95, "preference pairs: (prompt, chosen, rejected)", ha="center", va="bottom",
+            fontsize=9)
+    ax.text(10.7, 0.3, "prompts + a checker (e.g. the right number)", ha="center", va="top", fontsize=9)
+    chat = box(ax, (13.3, 3.2), "chat\nmodel", width=1.2, height=0.8, kind="model")
+    for source in (ppo["bottom"], dpo["right"], grpo["right"]):
+        arrow(ax, source, chat["left"] if source is not ppo["bottom"] else chat["top"])
+    ax.text(7.1, 6.7, "how a chat model is made: one pretraining run, then post-training", ha="center",
+            va="center", fontsize=12, weight="bold")
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------------
