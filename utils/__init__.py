@@ -36,7 +36,9 @@ One concept per module, each a one-sitting read (see README's lesson map):
     utils.server_process   starting and stopping that server as a child process (loopback only)  (lesson 11)
     utils.local_inference  GGUF internals, int8 dynamic quantisation, bandwidth maths          (lesson 11)
     utils.limits           probes for arithmetic and long context, built at run time            (lesson 12)
-    utils.alignment        SFT, reward model, PPO, DPO and GRPO losses (checked against trl)  (lessons 12, 13)
+    utils.alignment        SFT, reward model, PPO, DPO and GRPO losses (checked against trl)  (lessons 13, 14)
+    utils.reward_model     LLM + LoRA + scalar head, Bradley-Terry training; adapter swapping  (lesson 13)
+    utils.ppo              PPO for an LLM: rollouts, KL penalty, value head + GAE, clipped loop (lesson 13)
     utils.evaluation       multiple choice by log-likelihood (checked against lm-eval)          (lesson 14, in progress)
     utils.distributed      lesson 05's training under torchrun: single, DDP, FSDP              (lesson 16, in progress)
 Modules are imported explicitly (`from utils.models import load_chat_model`) so that importing
