@@ -23,16 +23,12 @@ from utils.alignment import (
     grpo_advantages,
     grpo_loss,
     kl_k3,
-    kl_penalized_reward,
-    ppo_clipped_objective,
     ppo_loss,
     ppo_token_rewards,
-    preference_margin,
     response_logprobs,
     reward_model_loss,
     sft_loss,
     value_loss,
-    win_rate,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -380,30 +376,6 @@ def test_value_loss():
 
 
 # ----------------------------------------------------------------------------------------------
-# Kept for lesson 12
-
-
-def test_ppo_clipping():
-    advantage = torch.tensor([1.0])
-    old = torch.tensor([0.0])
-    inside = ppo_clipped_objective(torch.tensor([math.log(1.1)]), old, advantage, clip=0.2)
-    assert math.isclose(inside.item(), 1.1, rel_tol=1e-6)
-    outside = ppo_clipped_objective(torch.tensor([math.log(2.0)]), old, advantage, clip=0.2)
-    assert math.isclose(outside.item(), 1.2, rel_tol=1e-6)  # no credit beyond 1 + clip
-    negative = ppo_clipped_objective(torch.tensor([math.log(0.5)]), old, -advantage, clip=0.2)
-    assert math.isclose(negative.item(), -0.8, rel_tol=1e-6)  # min(): the pessimistic side
-    with pytest.raises(ValueError):
-        ppo_clipped_objective(old, old, advantage, clip=1.5)
-
-
-def test_kl_penalty():
-    out = kl_penalized_reward(torch.tensor([1.0]), torch.tensor([-1.0]), torch.tensor([-3.0]), kl_coef=0.1)
-    assert math.isclose(out.item(), 0.8, rel_tol=1e-6)
-    with pytest.raises(ValueError):
-        kl_penalized_reward(torch.zeros(1), torch.zeros(1), torch.zeros(1), kl_coef=-1)
-
-
-# ----------------------------------------------------------------------------------------------
 # SFT and log-probabilities
 
 
@@ -465,15 +437,6 @@ def test_completion_logprobs_equals_the_full_logits_computation():
         assert logp.shape == (2, 2) and torch.allclose(logp, expected, atol=1e-5)
     with pytest.raises(ValueError, match="n_completion"):
         completion_logprobs(model, ids, attention, n_completion=6)
-
-
-def test_preference_margin_and_win_rate():
-    chosen, rejected = torch.tensor([-1.0, -2.0, -3.0, -4.0]), torch.tensor([-2.0, -1.0, -3.0, -9.0])
-    assert math.isclose(preference_margin(chosen, rejected), (1 - 1 + 0 + 5) / 4)
-    rate, wins, n = win_rate(chosen, rejected)
-    assert (rate, wins, n) == (2.5 / 4, 2, 4)  # the tie counts half
-    with pytest.raises(ValueError):
-        win_rate([1.0], [1.0, 2.0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -595,3 +558,45 @@ def test_grpo_loss_matches_trl(grpo_setup, loss_type, aggregation, kl_weight):
     assert (ratio < 0.8).any() and (ratio > 1.28).any()  # both clip bounds are exercised
     assert abs(loss.item() - trl_loss.item()) < 1e-5
     assert (_grads(loss, trainer.model) - _grads(trl_loss, trainer.model)).abs().max() < 1e-5
+
+
+def test_reward_model_matches_trl_reward_trainer(tmp_path):
+    """Compared: trl.RewardTrainer.compute_loss on one collated batch of 3 (chosen, rejected) pairs, with a
+    LlamaForSequenceClassification (num_labels=1, the model trl trains) built on tiny_chat_model's trunk,
+    versus utils.reward_model.RewardModel on the same trunk with the same head weights, fed the same token
+    ids: the same scores (HF pools the last non-pad token, as our last_token_index), and reward_model_loss
+    on them equals trl's loss, each to 1e-5."""
+    import copy
+
+    import trl  # noqa: F401  (pinned in requirements.txt: a missing trl is a failure, not a skip)
+    from datasets import Dataset
+    from transformers import LlamaForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    from utils.reward_model import RewardModel
+
+    causal, tokenizer = tiny_chat_model(seed=0)
+    config = copy.deepcopy(causal.config)
+    config.num_labels = 1
+    classifier = LlamaForSequenceClassification(config)
+    classifier.model.load_state_dict(causal.model.state_dict())
+    torch.manual_seed(0)
+    torch.nn.init.normal_(classifier.score.weight, std=1.0)
+    pairs = Dataset.from_dict({"chosen": ["Paris is the capital.", "Four.", "Blue."],
+                               "rejected": ["I think it might be Lyon, or maybe not.", "5", "Dog"]})
+    args = RewardConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False,
+                        per_device_train_batch_size=3, logging_strategy="no", save_strategy="no")
+    trainer = RewardTrainer(model=classifier, args=args, train_dataset=pairs, processing_class=tokenizer)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])  # 3 chosen rows, then 3 rejected
+    assert (batch["attention_mask"] == 0).any()  # rows of different lengths: the pooling position matters
+    trl_loss = trainer.compute_loss(trainer.model, dict(batch))
+
+    rm = RewardModel(causal, tokenizer)
+    with torch.no_grad():
+        rm.head.weight.copy_(classifier.score.weight)   # HF's score layer has no bias; ours starts at 0
+        ours = rm(batch["input_ids"], batch["attention_mask"])
+        theirs = classifier(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    chosen, rejected = ours.chunk(2)
+    assert abs(reward_model_loss(chosen, rejected).item() - trl_loss.item()) < 1e-5
+    assert abs(trl_loss.item() - math.log(2)) > 0.01  # not the trivial all-equal case

@@ -16,7 +16,6 @@ from utils.answers import (
     normalize_answer,
     normalize_text,
 )
-from utils.data import load_jsonl
 
 ORDER_FIELDS = {"item": str, "quantity": int, "size": ["small", "medium", "large", None],
                 "color": ["red", "blue", "dark blue", None]}
@@ -64,14 +63,6 @@ def test_numbers():
 ])
 def test_is_abstention(text, expected):
     assert is_abstention(text) is expected
-
-
-def test_the_preference_data_agrees_with_the_abstention_scorer():
-    for pair in load_jsonl("12_preference_pairs.jsonl"):
-        if pair["kind"] == "made_up":  # chosen: honest refusal; rejected: a confident invention
-            assert is_abstention(pair["chosen"]) and not is_abstention(pair["rejected"]), pair["id"]
-        else:  # chosen: the answer; rejected: a needless refusal
-            assert not is_abstention(pair["chosen"]) and is_abstention(pair["rejected"]), pair["id"]
 
 
 def test_mentions_any_matches_whole_words_after_normalising():

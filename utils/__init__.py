@@ -38,6 +38,8 @@ One concept per module, each a one-sitting read (see README's lesson map):
     utils.local_inference  GGUF internals, int8 dynamic quantisation, bandwidth maths          (lesson 11)
     utils.limits           probes for arithmetic and long context, built at run time            (lesson 12)
     utils.alignment        SFT, reward model, PPO, DPO and GRPO losses (checked against trl)  (lessons 13, 14)
+    utils.reward_model     LLM + LoRA + scalar head, Bradley-Terry training; adapter swapping  (lesson 13)
+    utils.ppo              PPO for an LLM: rollouts, KL penalty, value head + GAE, clipped loop (lesson 13)
     utils.grpo             GRPO: groups of sampled answers, verifiable rewards, the update     (lesson 14)
     utils.evaluation       multiple choice by log-likelihood (checked against lm-eval), generation scoring (lesson 15)
     utils.judge            LLM-as-judge: pairwise and rubric verdicts, position swaps          (lesson 15)

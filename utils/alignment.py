@@ -21,7 +21,10 @@ The losses are a few lines each; the lesson is in what they compare.
 Conventions: log-probability tensors are per token, (B, T) = (responses, response tokens), with a 0/1
 `mask` that is 1 on the tokens that count (response tokens, not padding). Masked positions may hold any
 value, NaN included: they are replaced before any arithmetic, so neither the loss nor its gradient
-depends on them. Checked against trl 1.16 in tests/test_alignment.py (DPOTrainer, GRPOTrainer).
+depends on them. Checked against trl 1.16 in tests/test_alignment.py: dpo_loss against DPOTrainer.compute_loss,
+grpo_advantages and grpo_loss against GRPOTrainer, reward_model_loss against RewardTrainer.compute_loss.
+The PPO loop around ppo_token_rewards / gae_advantages / ppo_loss / value_loss is utils.ppo; the reward
+model is utils.reward_model.
 """
 
 from __future__ import annotations
@@ -358,43 +361,3 @@ def grpo_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logpro
         kl = torch.exp(log_ratio) - log_ratio - 1                                       # (B, T) k3
         per_token = per_token + beta * (kl * ratio if kl_importance_weight else kl)
     return _aggregate(torch.where(mask, per_token, 0.0), mask, aggregation)
-
-
-# ----------------------------------------------------------------------------------------------
-# Kept for lesson 12 (sequence-level, scalar examples); new code uses ppo_token_rewards and ppo_loss
-
-
-def kl_penalized_reward(reward: torch.Tensor, policy_logprob: torch.Tensor, reference_logprob: torch.Tensor,
-                        kl_coef: float = 0.1) -> torch.Tensor:
-    """The reward PPO maximises in RLHF: reward-model score minus kl_coef x (log pi - log ref)."""
-    kl_coef = check_number("kl_coef", kl_coef, low=0)
-    return reward - kl_coef * (policy_logprob - reference_logprob)
-
-
-def ppo_clipped_objective(new_logprob: torch.Tensor, old_logprob: torch.Tensor, advantage: torch.Tensor,
-                          clip: float = 0.2) -> torch.Tensor:
-    """PPO's clipped surrogate (to maximise): mean of min(ratio * A, clip(ratio, 1-eps, 1+eps) * A),
-    with ratio = pi_new / pi_old; the same as -ppo_loss on one token per response."""
-    low, high = _clip_range(clip, None)
-    return -_clipped_surrogate(_ratio(new_logprob, old_logprob), advantage, low, high).mean()
-
-
-# ----------------------------------------------------------------------------------------------
-# Measuring preferences
-
-
-def preference_margin(chosen_logprobs: torch.Tensor, rejected_logprobs: torch.Tensor) -> float:
-    """Mean of log p(chosen) - log p(rejected): > 0 when the model prefers the chosen responses."""
-    return float((chosen_logprobs - rejected_logprobs).float().mean())
-
-
-def win_rate(chosen_scores, rejected_scores) -> tuple[float, int, int]:
-    """(rate, wins, n): the fraction of pairs whose chosen score beats the rejected one (a tie counts
-    half, so a model with no preference scores 0.5)."""
-    chosen = torch.as_tensor(chosen_scores, dtype=torch.float64).reshape(-1)
-    rejected = torch.as_tensor(rejected_scores, dtype=torch.float64).reshape(-1)
-    if chosen.shape != rejected.shape or chosen.numel() == 0:
-        raise ValueError(f"need two equally long, non-empty score lists, "
-                         f"got {chosen.numel()} and {rejected.numel()}")
-    wins = float((chosen > rejected).sum() + 0.5 * (chosen == rejected).sum())
-    return wins / chosen.numel(), int((chosen > rejected).sum()), chosen.numel()
