@@ -25,8 +25,8 @@ from utils.injection import (
 from utils.rag import Hit, build_retriever
 from utils.stats import wilson_interval
 
-ATTACKS = load_jsonl("16_injection_strings.jsonl")  # splits: dev, round2 (tuned on), test (never tuned on)
-CLEAN = load_jsonl("16_clean_passages.jsonl")  # splits: dev, test
+ATTACKS = load_jsonl("09_injection_strings.jsonl")  # splits: dev, round2 (tuned on), test (never tuned on)
+CLEAN = load_jsonl("09_clean_passages.jsonl")  # splits: dev, test
 
 
 def rate(flags: list[bool]) -> str:

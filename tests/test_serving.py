@@ -309,7 +309,7 @@ def test_a_body_that_is_not_a_json_object_is_400(tiny_client):
     ({"stop": ["a", ""]}, 400, "stop", "invalid_value"),
     ({"stop": "x" * (MAX_STOP_CHARS + 1)}, 400, "stop", "invalid_value"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role", "invalid_value"),
-    ({"messages": [{"role": "tool", "content": "hi"}]}, 400, "messages[0].role", "invalid_value"),
+    ({"messages": [{"role": "tool", "content": "hi"}]}, 400, "messages[0].tool_call_id", "missing_required_parameter"),
 ])
 def test_values_out_of_range_are_4xx_with_an_openai_error_body(tiny_client, body, status, param, code):
     assert_error(post(tiny_client, **body), status, param, code)

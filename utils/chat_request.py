@@ -8,18 +8,25 @@
    before anything is tokenised, and returns the settings to generate with.
 A refusal is an `APIError`: an HTTP status (400, 404) and OpenAI's error body
 `{"error": {"message", "type", "param", "code"}}`, whose message says what is allowed.
+
+Tool calling (lesson 16): `tools` (function definitions whose `parameters` JSON Schema the course's
+compiler must support), `tool_choice`, assistant messages with `tool_calls`, `role: "tool"` results and
+`response_format` are checked here too (`check_tools`, `check_tool_choice`, `check_response_format`).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 from utils.checks import check_number
+from utils.json_schema_grammar import NFA
 
-ROLES = ("system", "developer", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
 
 # Limits: each one bounds the memory or CPU time one request can take before the model runs.
@@ -29,6 +36,8 @@ MAX_CONTENT_CHARS = 100_000   # characters in one message (~25k tokens of Englis
 MAX_STOP_SEQUENCES = 4        # as OpenAI
 MAX_STOP_CHARS = 256          # per stop string: each decoding step compares the text's tail to each one
 MAX_SEED = 2**63 - 1          # torch.Generator.manual_seed takes a 64-bit integer
+MAX_TOOLS = 64                # tools in one request (each one is compiled into the grammar)
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # what OpenAI allows as a function name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,9 +77,11 @@ def param_name(loc) -> str | None:
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(strict=True)  # other keys (name, tool_calls...) are ignored
+    model_config = ConfigDict(strict=True)  # other keys (name, ...) are ignored
     role: str
     content: Any = None  # a string, null, or a list of text parts: checked in validate_request
+    tool_calls: Any = None  # assistant messages: the calls it made (checked in check_message_calls)
+    tool_call_id: Any = None  # "tool" messages: which call this is the result of
 
 
 class StreamOptions(BaseModel):
@@ -93,6 +104,10 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     seed: int | None = None
     stop: Any = None  # a string or a list of strings: checked in validate_request
+    tools: Any = None  # [{"type": "function", "function": {...}}]: checked in check_tools
+    tool_choice: Any = None  # "none", "auto", "required" or {"type": "function", "function": {"name"}}
+    parallel_tool_calls: bool | None = None  # accepted; this server makes at most one call per reply
+    response_format: Any = None  # {"type": "text"} or {"type": "json_schema", "json_schema": {...}}
 
 
 def message_text(content, param: str) -> str:
@@ -133,12 +148,116 @@ def checked_int(param: str, value: int, low: int, high: int, what: str = "") -> 
     return value
 
 
+def bad(param: str, message: str, code: str = "invalid_value") -> APIError:
+    return APIError(400, f"Invalid '{param}': {message}", param, code)
+
+
+def check_schema(schema, param: str) -> dict:
+    """A JSON Schema the course's compiler supports (utils.json_schema_grammar), else a 400 naming the keyword."""
+    if not isinstance(schema, dict):
+        raise bad(param, "expected a JSON Schema object.", "invalid_type")
+    try:
+        NFA().schema(schema, param)  # builds the automaton: every keyword is checked
+    except (ValueError, TypeError) as err:
+        raise bad(param, f"{err}.", "invalid_schema") from None
+    return schema
+
+
+def check_tools(tools) -> list[dict]:
+    """`tools` -> a list of {"type": "function", "function": {"name", "description", "parameters"}}, or a 400."""
+    if not isinstance(tools, list) or not 1 <= len(tools) <= MAX_TOOLS:
+        raise bad("tools", f"expected an array of 1 to {MAX_TOOLS} tool definitions.", "invalid_type")
+    checked, names = [], set()
+    for i, tool in enumerate(tools):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
+            raise bad(where, 'expected {"type": "function", "function": {"name": ..., "parameters": ...}}.')
+        fn = tool["function"]
+        name, description = fn.get("name"), fn.get("description", "")
+        if not isinstance(name, str) or not TOOL_NAME.match(name):
+            raise bad(f"{where}.function.name", "expected 1 to 64 letters, digits, underscores or dashes.")
+        if name in names:
+            raise bad(f"{where}.function.name", f"the tool name {name!r} appears twice.")
+        if not isinstance(description, str) or len(description) > MAX_CONTENT_CHARS:
+            raise bad(f"{where}.function.description", f"expected a string of at most {MAX_CONTENT_CHARS} characters.")
+        parameters = fn.get("parameters", {"type": "object", "properties": {}, "additionalProperties": False})
+        if not isinstance(parameters, dict) or parameters.get("type") != "object":
+            raise bad(f"{where}.function.parameters", 'expected a JSON Schema with "type": "object".')
+        names.add(name)
+        checked.append({"type": "function", "function": {
+            "name": name, "description": description,
+            "parameters": check_schema(parameters, f"{where}.function.parameters")}})
+    return checked
+
+
+def check_tool_choice(tool_choice, tools: list[dict] | None) -> str:
+    """`tool_choice` -> "none", "auto", "required" or the name of one tool, or a 400."""
+    if tool_choice is None:
+        return "auto" if tools else "none"
+    if tools is None and tool_choice != "none":
+        raise bad("tool_choice", "'tool_choice' is only allowed when 'tools' are specified.")
+    if tool_choice in ("none", "auto", "required"):
+        return tool_choice
+    fn = tool_choice.get("function") if isinstance(tool_choice, dict) else None
+    if not (isinstance(tool_choice, dict) and tool_choice.get("type") == "function" and isinstance(fn, dict)
+            and isinstance(fn.get("name"), str)):
+        raise bad("tool_choice", "expected 'none', 'auto', 'required' or "
+                  '{"type": "function", "function": {"name": ...}}.')
+    if fn["name"] not in {t["function"]["name"] for t in tools}:
+        raise bad("tool_choice", f"the function {fn['name'][:64]!r} is not one of the 'tools'.", "unknown_tool")
+    return fn["name"]
+
+
+def check_response_format(response_format) -> dict | None:
+    """`response_format` -> the JSON Schema the answer must follow, or None for plain text; else a 400."""
+    if response_format is None:
+        return None
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or "schema" not in spec:
+            raise bad("response_format.json_schema", 'expected {"name": ..., "schema": {...}}.')
+        return check_schema(spec["schema"], "response_format.json_schema.schema")
+    raise bad("response_format.type", f"{kind!r} is not supported: use 'text' or 'json_schema' "
+              "(this server has no grammar for free-form 'json_object').", "unsupported_value")
+
+
+def check_message_calls(m, i: int) -> dict:
+    """The tool-calling parts of message i: assistant `tool_calls`, a tool message's `tool_call_id`."""
+    extra = {}
+    if m.tool_calls is not None:
+        calls = m.tool_calls
+        ok = m.role == "assistant" and isinstance(calls, list) and all(
+            isinstance(c, dict) and isinstance(c.get("id"), str) and isinstance(c.get("function"), dict)
+            and isinstance(c["function"].get("name"), str) and isinstance(c["function"].get("arguments"), str)
+            for c in calls)
+        if not ok:
+            raise bad(f"messages[{i}].tool_calls", "expected, on an assistant message, a list of "
+                      '{"id": ..., "type": "function", "function": {"name": ..., "arguments": "<JSON>"}}.')
+        for c in calls:
+            try:
+                json.loads(c["function"]["arguments"])
+            except ValueError:
+                raise bad(f"messages[{i}].tool_calls", "'arguments' must be a JSON text.") from None
+        extra["tool_calls"] = calls
+    if m.role == "tool":
+        if not isinstance(m.tool_call_id, str):
+            raise bad(f"messages[{i}].tool_call_id", "a 'tool' message needs the 'tool_call_id' it answers.",
+                      "missing_required_parameter")
+        extra["tool_call_id"] = m.tool_call_id
+    return extra
+
+
 def validate_request(req: ChatCompletionRequest, model_id: str, max_context: int, max_token_chars: int,
                      default_max_tokens: int) -> dict:
     """Check the values of a well-typed request; raise APIError(400/404) like OpenAI does.
 
-    Returns the settings to generate with: messages (role/content dicts), max_tokens, temperature,
-    top_p, stop (list), seed, stream, include_usage. Cheap: nothing here tokenises.
+    Returns the settings to generate with: messages (role/content dicts, plus tool_calls / tool_call_id),
+    max_tokens, temperature, top_p, stop (list), seed, stream, include_usage, tools (None when no tool may
+    be called), tool_choice ("none", "auto", "required" or a name), answer_schema (response_format's
+    schema or None). Cheap: nothing here tokenises.
     """
     if req.model != model_id:
         raise APIError(404, f"The model {req.model[:100]!r} does not exist. Available: {model_id}.", "model",
@@ -159,7 +278,11 @@ def validate_request(req: ChatCompletionRequest, model_id: str, max_context: int
             raise APIError(400, f"Invalid 'messages[{i}].content': string too long. Expected at most "
                            f"{MAX_CONTENT_CHARS} characters, but got {len(content)}.",
                            f"messages[{i}].content", "string_above_max_length")
-        messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        messages.append({"role": "system" if m.role == "developer" else m.role, "content": content,
+                         **check_message_calls(m, i)})
+    tools = None if req.tools is None else check_tools(req.tools)
+    tool_choice = check_tool_choice(req.tool_choice, tools)
+    answer_schema = check_response_format(req.response_format)
 
     name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -168,7 +291,7 @@ def validate_request(req: ChatCompletionRequest, model_id: str, max_context: int
     checked_int(name, max_tokens, 1, max_context, f" (this model's context is {max_context} tokens)")
     # Cheap bound before tokenising: a token covers at most max_token_chars characters, so the
     # prompt has at least chars / max_token_chars tokens. A prompt that cannot fit is refused unread.
-    chars = sum(len(m["content"]) for m in messages)
+    chars = sum(len(m["content"]) for m in messages) + (len(json.dumps(tools)) if tools else 0)
     min_prompt_tokens = math.ceil(chars / max_token_chars)
     if min_prompt_tokens + max_tokens > max_context:
         raise APIError(400, f"This model's maximum context length is {max_context} tokens. The messages "
@@ -184,4 +307,6 @@ def validate_request(req: ChatCompletionRequest, model_id: str, max_context: int
     return {"messages": messages, "max_tokens": max_tokens, "temperature": temperature,
             "top_p": top_p if top_p != 1 else None, "stop": stop_strings(req.stop), "seed": seed,
             "stream": bool(req.stream),
-            "include_usage": bool(req.stream_options and req.stream_options.include_usage)}
+            "include_usage": bool(req.stream_options and req.stream_options.include_usage),
+            "tools": tools if tool_choice != "none" else None, "tool_choice": tool_choice,
+            "answer_schema": answer_schema}

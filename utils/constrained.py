@@ -8,6 +8,9 @@ measures both.
 
 * `label_grammar(tokenizer, labels)`: exactly one of a few labels.
 * `json_grammar(tokenizer, fields)`: a flat JSON object with the given keys, in order.
+* `SchemaGrammar(tokenizer, nfa, fragment)`: the same interface for any language given as a character
+  automaton (lesson 16 compiles JSON Schemas into one: utils.json_schema_grammar); `TokenTrie` walks
+  the vocabulary to turn an automaton state into a token mask.
 """
 
 from __future__ import annotations
@@ -191,3 +194,119 @@ def json_grammar(tokenizer, fields: dict) -> Grammar:
         else:
             merged.append(seg)
     return Grammar(tokenizer, merged)
+
+
+# ----------------------------------------------------------------------------------------------
+# Grammars given as a character automaton (lesson 16: utils.json_schema_grammar builds the automaton)
+
+
+class TokenTrie:
+    """The vocabulary as a trie of token texts: node = [token ids ending here, {char: child node}]."""
+
+    def __init__(self, tokenizer):
+        self.texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        special = set(tokenizer.all_special_ids)
+        self.root: list = [[], {}]
+        for i, text in enumerate(self.texts):
+            if not text or i in special:
+                continue
+            node = self.root
+            for ch in text:
+                node = node[1].setdefault(ch, [[], {}])
+            node[0].append(i)
+
+    def readable(self, nfa, state: int) -> tuple[list[int], list[int]]:
+        """Ids of the tokens whose whole text the automaton can read from `state`, and of those among
+        them that stay inside a string value at every character (they make a string longer)."""
+        found, looping, todo = [], [], [(self.root, state, True)]
+        while todo:
+            node, at, loops = todo.pop()
+            for ch, child in node[1].items():
+                nxt = nfa.step(at, ch)
+                if nxt >= 0:
+                    found.extend(child[0])
+                    inside = loops and nfa.in_string(nxt)
+                    if inside:
+                        looping.extend(child[0])
+                    if child[1]:
+                        todo.append((child, nxt, inside))
+        return found, looping
+
+
+_TRIES: dict[int, tuple[object, TokenTrie]] = {}  # id(tokenizer) -> (tokenizer, its trie): built once
+
+
+def token_trie(tokenizer) -> TokenTrie:
+    if id(tokenizer) not in _TRIES or _TRIES[id(tokenizer)][0] is not tokenizer:
+        _TRIES[id(tokenizer)] = (tokenizer, TokenTrie(tokenizer))
+    return _TRIES[id(tokenizer)][1]
+
+
+DONE = (-2, 0)  # the state after the end-of-sequence token
+
+
+class SchemaGrammar:
+    """Which tokens may come next, for the texts an NFA accepts (lesson 07's grammar interface).
+
+    A state is (automaton state id, characters written so far in the current string value), or DONE
+    after end-of-sequence. Masks are cached per automaton state, so after the first visit of a state a
+    step costs a dict lookup; the string length bound is two tensor operations on top.
+    """
+
+    def __init__(self, tokenizer, nfa, fragment: tuple[int, int], max_string_chars: int = 200):
+        nfa.finish(fragment)
+        self.nfa, self.trie = nfa, token_trie(tokenizer)
+        self.eos, self.vocab_size = tokenizer.eos_token_id, len(tokenizer)
+        self.max_string_chars = max_string_chars
+        self.lengths = torch.tensor([len(t) for t in self.trie.texts])  # (vocab,) characters per token
+        self.first = (nfa.state_of([fragment[0]]), 0)
+        self.masks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # state -> (allowed, stays in string)
+
+    def start(self):
+        return self.first
+
+    def masks_of(self, at: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if at not in self.masks:
+            allowed = torch.zeros(self.vocab_size, dtype=torch.bool)
+            looping = torch.zeros(self.vocab_size, dtype=torch.bool)
+            if at >= 0:
+                found, loops = self.trie.readable(self.nfa, at)
+                allowed[found] = True
+                looping[loops] = self.nfa.in_string(at)
+            if at == DONE[0] or self.nfa.accepts(at):
+                allowed[self.eos] = True
+            self.masks[at] = (allowed, looping)
+        return self.masks[at]
+
+    def allowed(self, state) -> torch.Tensor:
+        """Boolean mask (vocab,) of the tokens allowed after `state`."""
+        at, written = state
+        allowed, looping = self.masks_of(at)
+        if written == 0 or not looping.any():
+            return allowed
+        # inside a string: a token that stays inside must fit in what is left of max_string_chars
+        return allowed & ~(looping & (self.lengths > self.max_string_chars - written))
+
+    def advance(self, state, token_id: int):
+        """The state after `token_id`; ValueError if the grammar does not allow it."""
+        at, written = state
+        if state == DONE or token_id == self.eos:
+            if state == DONE or self.nfa.accepts(at):
+                return DONE
+        else:
+            for ch in self.trie.texts[token_id]:
+                nxt = self.nfa.step(at, ch)
+                if nxt < 0:
+                    break
+                written = written + 1 if self.nfa.in_string(at) and self.nfa.in_string(nxt) else 0
+                at = nxt
+            else:
+                return (at, written)
+        raise ValueError(f"token {token_id} ({self.trie.texts[token_id]!r}) is not allowed here by the grammar")
+
+    def done(self, state) -> bool:
+        return state == DONE
+
+    def accepts_text(self, text: str) -> bool:
+        """Whether `text` is a complete output of this grammar. Example: '{"a": 1}' -> True."""
+        return self.nfa.accepts(self.nfa.read(self.first[0], text))

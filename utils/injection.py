@@ -13,8 +13,8 @@ base can write to the model. Two defences live here; `utils.rag.answer` uses bot
                           instead of informing the reader (INJECTION_PATTERNS), in English, German,
                           French, Spanish, Italian, Portuguese and Dutch
 
-Measured by tests/test_injection.py on course-written data (data/16_injection_strings.jsonl,
-data/16_clean_passages.jsonl): it catches 100 of 111 attacks in 7 languages and 12 obfuscations, but
+Measured by tests/test_injection.py on course-written data (data/09_injection_strings.jsonl,
+data/09_clean_passages.jsonl): it catches 100 of 111 attacks in 7 languages and 12 obfuscations, but
 only 18 of the 25 written after the patterns were frozen (0.72, 95% CI 0.52-0.86: the honest figure
 for attacks it has not seen); it flags 6 of 261 clean passages (0.023, CI 0.011-0.049) and none of
 975 chunks of the Python reference.

@@ -15,7 +15,10 @@ process and returns a `ChatServer` handle. The safety rules live here:
   other answer is an error. The probe goes straight to the loopback address, ignoring HTTP_PROXY &
   co. (a proxy cannot reach this machine's 127.0.0.1, and must not see the traffic).
 
-`utils.serving` re-exports `start_server`, `ChatServer` and `stop_all_servers`.
+`serve_in_thread(app)` runs an app on a thread of this process instead (one model copy in memory:
+lesson 16's notebook); `stop()` and `stop_all_servers()` end it the same way.
+
+`utils.serving` re-exports `start_server`, `ChatServer`, `serve_in_thread` and `stop_all_servers`.
 """
 
 from __future__ import annotations
@@ -110,7 +113,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-_RUNNING: set[ChatServer] = set()  # servers this Python process started and has not stopped yet
+_RUNNING: set = set()  # servers (ChatServer, ThreadServer) this Python process started and has not stopped yet
 
 
 class ChatServer:
@@ -229,6 +232,60 @@ def start_server(port: int | None = None, host: str = "127.0.0.1", timeout: floa
     except BaseException:  # also KeyboardInterrupt: never leave a half-started server behind
         server.stop()
         raise
+
+
+class ThreadServer:
+    """The app served by uvicorn on a thread of this process: .base_url for the openai client, .stop().
+
+    Made by `serve_in_thread`. It shares the caller's model (one copy in memory instead of two),
+    which suits a notebook on a small machine; `start_server` (a child process) is the robust choice.
+    """
+
+    def __init__(self, server, thread: threading.Thread, host: str, port: int):
+        self.server, self.thread, self.host, self.port = server, thread, host, port
+        self.url = f"http://{host}:{port}"
+        self.base_url = self.url + "/v1"
+
+    def running(self) -> bool:
+        return self.thread.is_alive()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask uvicorn to finish (open requests end first) and wait for the thread. Safe to call twice."""
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        _RUNNING.discard(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def __repr__(self):
+        return f"ThreadServer({self.base_url}, {'running' if self.running() else 'stopped'})"
+
+
+def serve_in_thread(app, port: int | None = None, host: str = "127.0.0.1", timeout: float = 30.0) -> ThreadServer:
+    """Serve an ASGI `app` (e.g. utils.serving.create_app(model, tokenizer)) on a background thread,
+    loopback only; returns once it accepts connections. stop_all_servers() also stops it."""
+    import uvicorn
+
+    check_loopback(host)
+    port = free_port(host) if port is None else check_int("port", port, low=1, high=65535)
+    if port_is_open(host, port):
+        raise RuntimeError(f"port {port} on {host} is already in use; pass port=None for a free one.")
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", proxy_headers=False))
+    thread = threading.Thread(target=server.run, daemon=True, name=f"course-server-{port}")
+    thread.start()
+    handle = ThreadServer(server, thread, host, port)
+    _RUNNING.add(handle)
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            handle.stop()
+            raise RuntimeError(f"the in-thread server on {host}:{port} did not start within {timeout:g} s")
+        time.sleep(0.05)
+    return handle
 
 
 def exit_when_parent_dies(parent_pid: int) -> None:

@@ -13,6 +13,11 @@ This module is a small, readable server that follows that schema for SmolLM2:
 * `start_server()` runs it in a child process bound to 127.0.0.1 and returns a handle whose
   `stop()` ends it (the plumbing lives in `utils.server_process`).
 * What a request may contain (strict schema, limits, value checks) lives in `utils.chat_request`.
+* Tool calling and structured output (lesson 16): `tools` / `tool_choice` and `response_format`
+  {"type": "json_schema"} are decoded under a grammar (`grammar_for`: utils.tool_calls and
+  utils.json_schema_grammar), so a call names one of the tools with arguments that validate against
+  its schema, and a structured answer validates against its schema. A call comes back as an assistant
+  message with `tool_calls` and finish_reason "tool_calls", streamed as OpenAI streams it.
 
 A server is an attack surface, even on loopback: any program on the machine, and any web page
 open in its browser, can send it requests. So every request is checked before the model sees it,
@@ -73,16 +78,19 @@ from utils.chat_request import (  # noqa: F401  (the limits: re-exported, docume
     validate_request,
 )
 from utils.checks import check_choice
-from utils.sampling import max_positions, stream_tokens
+from utils.json_schema_grammar import json_schema_grammar
+from utils.sampling import NextTokenLogits, max_positions, sample_next_token, stream_tokens
 from utils.server_process import (  # noqa: F401  (start_server, ChatServer, stop_all_servers: re-exported)
     INSTANCE_ENV,
     ChatServer,
     check_loopback,
     exit_when_parent_dies,
     is_loopback_host_header,
+    serve_in_thread,
     start_server,
     stop_all_servers,
 )
+from utils.tool_calls import ToolCallStream, render_messages, reply_message, tool_call_grammar
 
 MODEL_ID = "SmolLM2-135M-Instruct"  # the name clients pass as `model`
 
@@ -102,23 +110,48 @@ def held_back_chars(text: str, stops: list[str]) -> int:
     return 0
 
 
+def constrained_tokens(model, input_ids, max_tokens, temperature, top_p, eos, generator, grammar):
+    """stream_tokens for a batch of one under a grammar: yields the next token id (1,) per step; each
+    step may only pick a token grammar.allowed(state) permits (lesson 07's constrained decoding)."""
+    next_logits = NextTokenLogits(model, True, max_positions(model))
+    ids, state = input_ids, grammar.start()
+    for _ in range(max_tokens):
+        logits = next_logits(ids).float()  # (1, V)
+        allowed = grammar.allowed(state)
+        if allowed[grammar.eos]:  # the grammar's end-of-sequence stands for all of the model's eos ids
+            allowed = allowed.clone()
+            allowed[list(eos)] = True
+        keep = torch.zeros(logits.shape[1], dtype=torch.bool)  # the model's vocabulary may be padded
+        keep[: allowed.shape[0]] = allowed
+        logits[0, ~keep] = float("-inf")
+        token = sample_next_token(logits, temperature, top_p=top_p, generator=generator)  # (1,)
+        state = grammar.advance(state, grammar.eos if int(token[0]) in eos else int(token[0]))
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        yield token
+        if int(token[0]) in eos:
+            return
+
+
 def stream_text(model, tokenizer, input_ids, max_tokens, temperature=0.0, top_p=None, stop=(),
-                seed=None, step_lock=None, engine=None) -> Iterator[tuple[str, str | None, int]]:
+                seed=None, step_lock=None, grammar=None, engine=None) -> Iterator[tuple[str, str | None, int]]:
     """Yield (text piece, finish_reason or None, completion tokens so far) once per decoding step.
 
     The tokens come from lesson 06's KV-cached decoding loop, `stream_tokens` (batch of one, (1, T)
     prompt). A piece is "" while its text is held back (it may be the start of a stop string).
     finish_reason is "stop" (end-of-sequence token or a stop string, which is never sent) or
     "length" (max_tokens). step_lock: held around each step, so that concurrent requests take turns
-    on the CPU. engine: a started utils.continuous_batching.ContinuousBatcher that decodes this request
-    in its shared batch instead (lesson 17). Shown in lesson 11.
+    on the CPU. grammar: decode under it (`constrained_tokens`; lesson 16). engine: a started
+    utils.continuous_batching.ContinuousBatcher that decodes this request in its shared batch instead
+    (lesson 17; not combined with a grammar). Shown in lesson 11.
     """
     stops = [s for s in stop if s]
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     eos = {tokenizer.eos_token_id} | set(eos if isinstance(eos, (list, tuple)) else [eos])
     eos = {int(t) for t in eos if t is not None}
-    if engine is not None:  # continuous batching (lesson 17): the engine's thread runs the steps
+    if grammar is not None:  # constrained decoding (lesson 16): only tokens the grammar allows
+        steps = constrained_tokens(model, input_ids, max_tokens, temperature, top_p, eos, generator, grammar)
+    elif engine is not None:  # continuous batching (lesson 17): the engine's thread runs the steps
         steps = engine.stream(input_ids[0].tolist(), max_tokens, temperature, top_p, generator)
     else:
         steps = stream_tokens(model, input_ids, max_tokens, temperature, top_p=top_p,
@@ -272,8 +305,24 @@ def create_app(model, tokenizer, model_id: str = MODEL_ID, default_max_tokens: i
             raise APIError(404, f"The model {name[:100]!r} does not exist.", "model", "model_not_found")
         return model_card()
 
+    grammars: dict[str, object] = {}  # the last few compiled grammars: an agent sends the same tools each turn
+
+    def grammar_for(settings: dict):
+        """The grammar a request's reply must follow (tools, response_format), or None for free text."""
+        tools, schema = settings["tools"], settings["answer_schema"]
+        if tools is None and schema is None:
+            return None
+        key = json.dumps([tools, settings["tool_choice"], schema])
+        if key not in grammars:
+            if len(grammars) >= 16:
+                grammars.pop(next(iter(grammars)))
+            grammars[key] = (json_schema_grammar(tokenizer, schema) if tools is None else
+                             tool_call_grammar(tokenizer, tools, settings["tool_choice"], schema))
+        return grammars[key]
+
     def tokenize(settings: dict):
-        input_ids = tokenizer.apply_chat_template(settings["messages"], add_generation_prompt=True,
+        messages = render_messages(settings["messages"], settings["tools"], settings["answer_schema"])
+        input_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                   return_tensors="pt", return_dict=True)["input_ids"]
         needed = input_ids.shape[1] + settings["max_tokens"]  # the exact check, now that we have tokens
         if needed > max_context:
@@ -286,11 +335,15 @@ def create_app(model, tokenizer, model_id: str = MODEL_ID, default_max_tokens: i
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         settings = validate_request(req, model_id, max_context, max_token_chars, default_max_tokens)
         input_ids = await run_in_threadpool(tokenize, settings)  # CPU work: off the event loop
+        grammar = await run_in_threadpool(grammar_for, settings)
         prompt_tokens = input_ids.shape[1]
         pieces = stream_text(model, tokenizer, input_ids, settings["max_tokens"], settings["temperature"],
                              settings["top_p"], settings["stop"], settings["seed"],
-                             None if app_engine else step_lock, engine=app_engine)
+                             step_lock if grammar is not None or app_engine is None else None, grammar,
+                             engine=app_engine)
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        call_id = f"call_{uuid.uuid4().hex[:24]}"
+        tools = settings["tools"] is not None
         now = int(time.time())
 
         def usage(n: int) -> dict:
@@ -320,10 +373,11 @@ def create_app(model, tokenizer, model_id: str = MODEL_ID, default_max_tokens: i
             if answer is None:  # nobody is listening; this status only shows in logs
                 return JSONResponse(error_body("The client disconnected."), status_code=499)
             text, finish, n = answer
+            message, is_call = reply_message(text, call_id) if tools else ({"role": "assistant", "content": text}, False)
             return {"id": completion_id, "object": "chat.completion", "created": now, "model": model_id,
                     "system_fingerprint": None,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                 "logprobs": None, "finish_reason": finish}],
+                    "choices": [{"index": 0, "message": message,
+                                 "logprobs": None, "finish_reason": "tool_calls" if is_call else finish}],
                     "usage": usage(n)}
 
         def chunk(delta: dict, finish_reason=None, choices=True, usage_value=None) -> str:
@@ -335,16 +389,34 @@ def create_app(model, tokenizer, model_id: str = MODEL_ID, default_max_tokens: i
                 body["usage"] = usage_value
             return f"data: {json.dumps(body)}\n\n"  # one Server-Sent Event
 
+        def deltas() -> Iterator[tuple[dict, str | None, int]]:
+            """(delta, finish_reason, completion tokens so far), one per chunk to send. With tools the
+            reply goes through ToolCallStream: content, or a tool call streamed as OpenAI streams it."""
+            if not tools:
+                yield {"role": "assistant", "content": ""}, None, 0
+                for piece, finish_reason, n in pieces:
+                    if piece:
+                        yield {"content": piece}, None, n
+                    if finish_reason:
+                        yield {}, finish_reason, n
+                return
+            splitter, first = ToolCallStream(call_id), True
+            for piece, finish_reason, n in pieces:
+                for delta in splitter.feed(piece, final=finish_reason is not None):
+                    if first:  # the first delta carries the role (and, for a call, content null)
+                        delta = {"role": "assistant", **({"content": None} if "tool_calls" in delta else {}), **delta}
+                        first = False
+                    yield delta, None, n
+                if finish_reason:
+                    if first:
+                        yield {"role": "assistant", "content": ""}, None, n
+                    yield {}, "tool_calls" if splitter.is_call() else finish_reason, n
+
         def events() -> Iterator[str]:  # Starlette runs each step in a worker thread
-            yield chunk({"role": "assistant", "content": ""})
             n = 0
             try:
-                for piece, finish_reason, tokens_so_far in pieces:
-                    n = tokens_so_far
-                    if piece:
-                        yield chunk({"content": piece})
-                    if finish_reason:
-                        yield chunk({}, finish_reason)
+                for delta, finish_reason, n in deltas():  # noqa: B007 (n: the count after the loop)
+                    yield chunk(delta, finish_reason)
                 if settings["include_usage"]:
                     yield chunk({}, choices=False, usage_value=usage(n))
             except Exception as err:  # the 200 status is sent already: report the error in the stream
