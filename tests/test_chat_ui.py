@@ -18,8 +18,9 @@ ANSWER = "Paris is the capital of France."
 
 
 def test_chat_reply_streams_the_answer():
-    from utils.chat_ui import chat_reply
     import openai
+
+    from utils.chat_ui import chat_reply
 
     model, tokenizer = tiny_chat_model()
     client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused", max_retries=0,

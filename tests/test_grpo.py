@@ -11,7 +11,6 @@ import torch
 from tests.standin import ScriptedModel, tiny_chat_model, tiny_tokenizer
 from utils.alignment import completion_logprobs
 from utils.grpo import (
-    Rollout,
     add_lora_top,
     evaluate,
     exact_integer_reward,
@@ -25,7 +24,7 @@ from utils.grpo import (
     select_groups,
     train_grpo,
 )
-from utils.lora import LoRALinear, lora_layers
+from utils.lora import lora_layers
 
 PROMPTS = [[{"role": "user", "content": "What is 2 + 2?"}], [{"role": "user", "content": "Say 7."}]]
 
