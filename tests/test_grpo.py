@@ -14,10 +14,13 @@ from utils.grpo import (
     add_lora_top,
     evaluate,
     exact_integer_reward,
+    format_and_label_reward,
     grpo_step,
     left_pad,
     lora_disabled,
     mentions_integer_reward,
+    mentions_label_reward,
+    reply_label,
     rollout_logprobs,
     sample_groups,
     score,
@@ -74,6 +77,46 @@ def test_reward_bad_input():
         mentions_integer_reward("15", 15.0)
     with pytest.raises(TypeError):
         exact_integer_reward("15", True)
+
+
+@pytest.mark.parametrize("reply, answer, expected", [
+    ("negative", "negative", 1.5), (" Negative. ", "negative", 1.5), ("POSITIVE", "positive", 1.5),
+    ("positive", "negative", 0.5), ("Positive.", "negative", 0.5), ("This review is negative.", "negative", 0.0),
+    ("negative or positive", "negative", 0.0), ("", "negative", 0.0), ("negatives", "negative", 0.0),
+    ("negative..", "negative", 0.0),
+])
+def test_format_and_label_reward(reply, answer, expected):
+    assert format_and_label_reward(reply, answer) == expected
+
+
+def test_reply_label():
+    assert reply_label("Negative.") == "negative"
+    assert reply_label("yes", ("yes", "no")) == "yes"
+    assert reply_label("It is negative.") is None and reply_label("maybe", ("yes", "no")) is None
+
+
+@pytest.mark.parametrize("reply, answer, expected", [
+    ("negative", "negative", 1.0), ("This review is negative.", "negative", 1.0),
+    ("positive or negative", "negative", 1.0), ("positive or negative", "positive", 1.0),
+    ("positive", "negative", 0.0), ("negatively", "negative", 0.0), ("", "positive", 0.0),
+])
+def test_mentions_label_reward_is_fooled_by_naming_both_labels(reply, answer, expected):
+    assert mentions_label_reward(reply, answer) == expected
+
+
+def test_label_rewards_bad_input():
+    with pytest.raises(ValueError, match="answer"):
+        format_and_label_reward("positive", "neutral")          # not one of the labels
+    with pytest.raises(ValueError):
+        mentions_label_reward("positive", "Positive")           # labels are lowercase names
+    with pytest.raises(TypeError):
+        format_and_label_reward(1, "positive")
+    with pytest.raises(TypeError):
+        mentions_label_reward(None, "positive")
+    with pytest.raises(TypeError):
+        reply_label("positive", "positive")                     # one string is not a list of labels
+    with pytest.raises(ValueError, match="one of"):
+        format_and_label_reward("positive", 1)                 # utils.checks.check_choice: not a label
 
 
 def test_score():
@@ -249,8 +292,9 @@ def test_train_grpo_and_evaluate_run_end_to_end():
     history = train_grpo(model, tokenizer, optimizer, items, mentions_integer_reward, steps=2, prompts_per_step=2,
                          group_size=2, max_new_tokens=4, progress=False)
     assert len(history) == 2 and {"reward", "length", "kl", "loss", "example"} <= set(history[0])
-    replies, correct = evaluate(model, tokenizer, items, exact_integer_reward, max_new_tokens=4)
-    assert len(replies) == len(correct) == 2 and all(isinstance(c, bool) for c in correct)
+    replies, rewards = evaluate(model, tokenizer, items, exact_integer_reward, max_new_tokens=4)
+    assert len(replies) == len(rewards) == 2
+    assert rewards == [exact_integer_reward(r, 4) for r in replies]
     with pytest.raises(ValueError, match="items"):
         train_grpo(model, tokenizer, optimizer, [{"prompt": "x"}], exact_integer_reward, steps=1, prompts_per_step=1)
 

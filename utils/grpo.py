@@ -9,7 +9,8 @@ One step (`grpo_step`), for P prompts and a group of G answers each (N = P * G r
 
 1. `sample_groups`: sample G completions per prompt with the current policy, batched and left-padded,
    keeping their token ids and their log-probabilities under the sampling policy ("old" log-probs).
-2. A reward function scores each completion: `exact_integer_reward(reply, answer)` -> 0 or 1.
+2. A reward function scores each completion, e.g. `format_and_label_reward(reply, label)` -> 0, 0.5 or 1.5
+   (0.5 for the format, 1 more for the right label) or `exact_integer_reward(reply, answer)` -> 0 or 1.
 3. `utils.alignment.grpo_advantages`: each reward minus its group's mean, over the group's std.
 4. `utils.alignment.grpo_loss`: PPO's clipped surrogate with those advantages on every completion token,
    plus beta * KL(policy || reference). The reference is the same model with its LoRA adapters switched
@@ -31,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from utils.alignment import completion_logprobs, grpo_advantages, grpo_loss, kl_k3
-from utils.checks import check_int, check_number, check_positive_int, check_text
+from utils.checks import check_choice, check_int, check_number, check_positive_int, check_text, check_text_list
 from utils.generation import encode_prompts, generate_batch, model_device, pad_token_id, render_prompts
 from utils.lora import LoRALinear, check_lora_args, lora_layers
 from utils.model_surgery import replace_linear
@@ -61,6 +62,44 @@ def mentions_integer_reward(reply: str, answer: int) -> float:
     check_text("reply", reply, allow_empty=True)
     check_int("answer", answer)
     return 1.0 if any(int(n) == answer for n in re.findall(r"(?<![\d.])-?\d+(?!\.?\d)", reply)) else 0.0
+
+
+SENTIMENT_LABELS = ("positive", "negative")
+
+
+def reply_label(reply: str, labels=SENTIMENT_LABELS) -> str | None:
+    """The label the reply *is* (any case; spaces and one final '.' allowed), or None if it is anything else.
+
+    Example: ("Negative.", ...) -> "negative"; ("This review is negative.", ...) -> None.
+    """
+    check_text("reply", reply, allow_empty=True)
+    labels = check_text_list("labels", labels)
+    word = re.fullmatch(r"\s*(\w+)\.?\s*", reply)
+    return word.group(1).lower() if word is not None and word.group(1).lower() in labels else None
+
+
+def format_and_label_reward(reply: str, answer: str, labels=SENTIMENT_LABELS) -> float:
+    """0.5 if the reply is exactly one label (the format), plus 1.0 if it is the right one: 0, 0.5 or 1.5.
+
+    Shown in lesson 14. A two-part reward as in DeepSeek-R1 (a format reward and an accuracy reward): the
+    format is easy to hit by chance, so groups differ early and GRPO gets a signal before accuracy moves.
+    Example: ("negative", "negative") -> 1.5; ("Positive.", "negative") -> 0.5; ("It is negative.", "negative") -> 0.0.
+    """
+    labels = check_text_list("labels", labels)
+    check_choice("answer", answer, labels)
+    said = reply_label(reply, labels)
+    return 0.0 if said is None else 0.5 + (1.0 if said == answer else 0.0)
+
+
+def mentions_label_reward(reply: str, answer: str, labels=SENTIMENT_LABELS) -> float:
+    """FLAWED on purpose: 1.0 if the right label appears anywhere in the reply, as a word (any case).
+
+    Shown in lesson 14: a reply naming every label earns it on every prompt.
+    Example: ("negative", "negative") -> 1.0; ("positive or negative", "negative") -> 1.0 (!).
+    """
+    check_text("reply", reply, allow_empty=True)
+    check_choice("answer", answer, check_text_list("labels", labels))
+    return 1.0 if answer in re.findall(r"\w+", reply.lower()) else 0.0
 
 
 def score(replies: list[str], answers: list[int], reward_fn) -> torch.Tensor:
@@ -304,8 +343,8 @@ def train_grpo(model, tokenizer, optimizer, items: list[dict], reward_fn, steps:
 
 
 def evaluate(model, tokenizer, items: list[dict], reward_fn, max_new_tokens: int = 24,
-             batch_size: int = 32) -> tuple[list[str], list[bool]]:
-    """Greedy replies to items' prompts and whether each earns reward 1. Shown in lesson 14."""
+             batch_size: int = 16) -> tuple[list[str], list[float]]:
+    """Greedy replies to items' prompts and the reward each earns (floats). Shown in lesson 14."""
     replies = generate_batch(model, tokenizer, [it["prompt"] for it in items], max_new_tokens,
                              batch_size=batch_size)
-    return replies, [r == 1.0 for r in score(replies, [it["answer"] for it in items], reward_fn).tolist()]
+    return replies, score(replies, [it["answer"] for it in items], reward_fn).tolist()
