@@ -30,3 +30,15 @@ def test_floors_are_the_course_pins():
                 if "==" in line and not line.startswith("#"))
     for name, floor in FLOORS.items():
         assert pins[name] == floor, f"{name}: floor {floor} but requirements.txt pins {pins[name]}"
+
+
+def test_what_colab_installs_is_pinned_as_in_requirements():
+    from utils.colab import NEEDED, NEEDED_NO_DEPS
+
+    pins = dict(line.split("==") for line in open("requirements.txt").read().splitlines()
+                if "==" in line and not line.startswith("#"))
+    for requirement in [*NEEDED.values(), *NEEDED_NO_DEPS.values()]:
+        if "==" in requirement:
+            name, version = requirement.split("==")
+            if name in pins:
+                assert pins[name] == version, f"colab.py installs {requirement}, requirements.txt pins {pins[name]}"

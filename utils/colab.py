@@ -34,6 +34,11 @@ NEEDED = {
     "uvicorn": "uvicorn==0.54.0",
     "langchain_core": "langchain-core==1.7.2",
     "chromadb": "chromadb==1.5.9",
+    "trl": "trl==1.16.0",  # lessons 13-14 (parity checks)
+    "lm_eval": "lm-eval==0.4.13",  # lesson 15
+    "jsonschema": "jsonschema==4.26.0",  # lesson 16
+    "mcp": "mcp==2.3.0",
+    "smolagents": "smolagents==1.26.0",
     "psutil": "psutil",
     "hypothesis": "hypothesis",
     "regex": "regex",
