@@ -19,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import sys
+import tempfile
 import threading
+from pathlib import Path
 
 from utils.agent import Tool
 
@@ -60,8 +62,13 @@ class MCPConnection:
     """
 
     def __init__(self, server, timeout: float = 120.0):
-        from mcp import Client
+        from mcp import Client, StdioServerParameters
+        from mcp.client.stdio import stdio_client
 
+        if isinstance(server, StdioServerParameters):
+            # the child's stderr goes to a real file: a notebook's sys.stderr has no file descriptor
+            self.errlog = tempfile.NamedTemporaryFile("w", prefix="mcp-server-", suffix=".log", delete=False)
+            server = stdio_client(server, errlog=self.errlog)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="mcp-client")
         self.thread.start()
@@ -110,6 +117,10 @@ class MCPConnection:
         if self.loop.is_running():
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)
+        errlog = getattr(self, "errlog", None)
+        if errlog is not None and not errlog.closed:
+            errlog.close()
+            Path(errlog.name).unlink(missing_ok=True)
 
     def __enter__(self):
         return self
