@@ -29,9 +29,7 @@ import time
 from pathlib import Path
 
 from utils.checks import check_int, check_number
-from utils.server_process import check_loopback, free_port, port_is_open
-
-_RUNNING: set[ChromaServer] = set()  # servers this process started and has not stopped yet
+from utils.server_process import _RUNNING, ChildProcess, check_loopback, free_port, port_is_open
 
 
 def chroma_executable() -> str:
@@ -51,7 +49,7 @@ def die_with_parent() -> None:
         pass
 
 
-class ChromaServer:
+class ChromaServer(ChildProcess):
     """Handle on a `chroma run` child process: .url, .client(), .stop()."""
 
     def __init__(self, process: subprocess.Popen, host: str, port: int, path: Path, log_path: Path):
@@ -65,35 +63,8 @@ class ChromaServer:
 
         return chromadb.HttpClient(host=self.host, port=self.port, settings=Settings(anonymized_telemetry=False))
 
-    def running(self) -> bool:
-        return self.process.poll() is None
-
-    def log(self, last_lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-last_lines:])
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """End the server (SIGTERM, then SIGKILL after `timeout` s). Safe to call twice."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        _RUNNING.discard(self)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
-
     def __repr__(self):
-        state = "running" if self.running() else f"stopped (exit code {self.process.returncode})"
-        return f"ChromaServer({self.url}, folder {self.path}, pid {self.process.pid}, {state})"
+        return f"ChromaServer({self.url}, folder {self.path}, pid {self.pid}, {self.state()})"
 
 
 def heartbeat(url: str) -> bool:
@@ -145,7 +116,7 @@ def start_chroma_server(path, port: int | None = None, host: str = "127.0.0.1", 
 
 def stop_all_chroma_servers() -> int:
     """Stop every Chroma server this process started; returns how many were running."""
-    servers = list(_RUNNING)
+    servers = [server for server in list(_RUNNING) if isinstance(server, ChromaServer)]
     for server in servers:
         server.stop()
     return len(servers)

@@ -113,22 +113,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-_RUNNING: set = set()  # servers (ChatServer, ThreadServer) this Python process started and has not stopped yet
+_RUNNING: set = set()  # servers (ChildProcess, ThreadServer) this Python process started and has not stopped yet
 
 
-class ChatServer:
-    """Handle on a server child process: .base_url for the openai client, .stop() to end it.
+class ChildProcess:
+    """Handle on a server this process started as a child: .running(), .log(), .stop(), `with`.
 
-    .instance_id: the random id this start gave the child, which its /health echoes.
+    Shared by the chat server (ChatServer) and lesson 17's Chroma server; each subclass sets .process
+    and .log_path and registers itself in _RUNNING, so stop_all_servers() ends it too.
     """
 
-    def __init__(self, process: subprocess.Popen, host: str, port: int, log_path: Path,
-                 instance_id: str | None = None):
-        self.process, self.host, self.port, self.log_path = process, host, port, log_path
-        self.instance_id = instance_id
-        netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self.url = f"http://{netloc}"
-        self.base_url = self.url + "/v1"
+    process: subprocess.Popen
+    log_path: Path
 
     @property
     def pid(self) -> int:
@@ -160,9 +156,26 @@ class ChatServer:
     def __exit__(self, *exc):
         self.stop()
 
+    def state(self) -> str:
+        return "running" if self.running() else f"stopped (exit code {self.process.returncode})"
+
+
+class ChatServer(ChildProcess):
+    """Handle on a server child process: .base_url for the openai client, .stop() to end it.
+
+    .instance_id: the random id this start gave the child, which its /health echoes.
+    """
+
+    def __init__(self, process: subprocess.Popen, host: str, port: int, log_path: Path,
+                 instance_id: str | None = None):
+        self.process, self.host, self.port, self.log_path = process, host, port, log_path
+        self.instance_id = instance_id
+        netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.url = f"http://{netloc}"
+        self.base_url = self.url + "/v1"
+
     def __repr__(self):
-        state = "running" if self.running() else f"stopped (exit code {self.process.returncode})"
-        return f"ChatServer({self.base_url}, pid {self.pid}, {state})"
+        return f"ChatServer({self.base_url}, pid {self.pid}, {self.state()})"
 
 
 def stop_all_servers() -> int:
