@@ -32,7 +32,14 @@ import torch
 from tqdm.auto import tqdm
 
 from utils.alignment import completion_logprobs, grpo_advantages, grpo_loss, kl_k3
-from utils.checks import check_choice, check_int, check_number, check_positive_int, check_text, check_text_list
+from utils.checks import (
+    check_choice,
+    check_int,
+    check_number,
+    check_positive_int,
+    check_text,
+    check_text_list,
+)
 from utils.generation import encode_prompts, generate_batch, model_device, pad_token_id, render_prompts
 from utils.lora import LoRALinear, check_lora_args, lora_layers
 from utils.model_surgery import replace_linear
