@@ -11,6 +11,9 @@ Two ways to use it:
   asserted: a slow machine must not fail the course.
 * as a script: `python tests/budget.py [notebooks/05_*.ipynb ...]` runs nbval on those notebooks
   (default: all) and prints the same table, also written to budget.md when --out is given.
+  With `--store` it instead executes each notebook in place (`jupyter nbconvert --execute --inplace`,
+  one at a time), so the stored outputs and the budget table come from the same run: that is how the
+  course's stored outputs are made.
 """
 
 from __future__ import annotations
@@ -134,7 +137,58 @@ def pytest_terminal_summary(terminalreporter):
         Path(out).write_text(format_table(_records) + "\n")
 
 
+def _kernel_of(pid: int):
+    """The ipykernel process started by nbconvert (a child of `pid`), or None."""
+    import psutil
+
+    try:
+        for child in psutil.Process(pid).children():
+            if "ipykernel" in " ".join(child.cmdline()):
+                return child
+    except psutil.Error:
+        pass
+    return None
+
+
+def store_outputs(notebooks: list[str]) -> dict[str, dict]:
+    """Execute each notebook in place, one at a time, measuring wall time and the kernel's memory."""
+    records = {}
+    for notebook in notebooks:
+        record = {"start": time.perf_counter(), "end": None, "peak": 0, "child_peak": 0,
+                  "together": 0, "failed": False}
+        process = subprocess.Popen([sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook",
+                                    "--execute", "--inplace", "--ExecutePreprocessor.timeout=1200",
+                                    notebook])
+        while process.poll() is None:
+            kernel = _kernel_of(process.pid)
+            if kernel is not None:
+                children = _children_rss(kernel.pid)
+                record["peak"] = max(record["peak"], peak_rss_bytes(kernel.pid))
+                record["child_peak"] = max(record["child_peak"], children)
+                record["together"] = max(record["together"], _rss(kernel.pid) + children)
+            time.sleep(0.2)
+        record["end"] = time.perf_counter()
+        record["failed"] = process.returncode != 0
+        records[notebook] = record
+        print(format_table({notebook: record}).splitlines()[-1], flush=True)
+    return records
+
+
 def main(argv: list[str]) -> int:
+    if "--store" in argv:
+        argv.remove("--store")
+        out = None
+        if "--out" in argv:
+            i = argv.index("--out")
+            out = argv[i + 1]
+            del argv[i:i + 2]
+        notebooks = argv or sorted(str(p) for p in Path("notebooks").glob("[0-9][0-9]_*.ipynb"))
+        records = store_outputs(notebooks)
+        print(format_table(records))
+        if out:
+            Path(out).write_text(format_table(records) + "\n")
+        return int(any(r["failed"] for r in records.values()))
+
     out = None
     if "--out" in argv:
         i = argv.index("--out")

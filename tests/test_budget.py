@@ -1,5 +1,9 @@
 """tests/budget.py: the table flags a notebook that is too slow or uses too much memory."""
 
+import json
+
+import pytest
+
 from tests.budget import BUDGET_BYTES, BUDGET_SECONDS, format_table
 
 
@@ -14,3 +18,24 @@ def test_budget_table_flags_time_and_memory():
     assert rows[0] == "| a.ipynb | 100 s | 1.00 GiB | no children | yes |"
     assert [r.split("|")[-2].strip() for r in rows[1:]] == ["NO", "NO", "NO", "yes (a cell failed)"]
     assert "2.00 GiB" in rows[3]
+
+
+@pytest.mark.slow
+def test_store_mode_executes_in_place_and_flags_a_failing_notebook(tmp_path):
+    from tests.budget import store_outputs
+
+    def notebook(path, source):
+        cells = [{"cell_type": "code", "execution_count": None, "id": "c0", "metadata": {},
+                  "outputs": [], "source": source}]
+        path.write_text(json.dumps({"cells": cells, "metadata": {"kernelspec": {
+            "name": "python3", "display_name": "Python 3", "language": "python"}},
+            "nbformat": 4, "nbformat_minor": 5}))
+        return str(path)
+
+    good = notebook(tmp_path / "good.ipynb", "print(6 * 7)")
+    bad = notebook(tmp_path / "bad.ipynb", "raise ValueError('boom')")
+    records = store_outputs([good, bad])
+    assert not records[good]["failed"] and records[bad]["failed"]
+    assert records[good]["peak"] > 0  # the kernel's memory was sampled
+    stored = json.loads((tmp_path / "good.ipynb").read_text())["cells"][0]["outputs"]
+    assert stored[0]["text"] == ["42\n"] or stored[0]["text"] == "42\n"
