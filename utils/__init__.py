@@ -36,6 +36,7 @@ One concept per module, each a one-sitting read (see README's lesson map):
     utils.serving          an OpenAI-compatible chat server (FastAPI) for the local model       (lesson 11)
     utils.server_process   starting and stopping that server as a child process (loopback only)  (lesson 11)
     utils.local_inference  GGUF internals, int8 dynamic quantisation, bandwidth maths          (lesson 11)
+    utils.llama_cpp_runner the same GGUF run by llama.cpp (llama-cpp-python): speed side by side (lesson 11)
     utils.limits           probes for arithmetic and long context, built at run time            (lesson 12)
     utils.alignment        SFT, reward model, PPO, DPO and GRPO losses (checked against trl)  (lessons 13, 14)
     utils.reward_model     LLM + LoRA + scalar head, Bradley-Terry training; adapter swapping  (lesson 13)
