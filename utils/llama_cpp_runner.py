@@ -4,7 +4,8 @@ transformers de-quantises the packaged Q4_1 file once, to float32, and multiplie
 every new token reads ~538 MB of weights. llama.cpp keeps the 4-bit blocks and computes with them
 directly (each block's 4-bit integers times 8-bit activations, then the block's scale and minimum):
 the same weights (lesson 11 checks that the float32 ones ARE the decoded blocks), ~97 MB read per
-token. Decoding one token at a time is bound by memory bandwidth, so the ratio of bytes predicts the ratio of speeds (`weight_bytes_per_token`).
+token. Decoding one token at a time is bound by memory bandwidth, so the ratio of bytes predicts the
+ratio of speeds (`weight_bytes_per_token`).
 
 * `llama_cpp_status()`: is llama-cpp-python importable here, and if not, how to install it.
 * `load_llama_cpp(n_threads)`: the packaged GGUF (its sha256 checked first) as a `llama_cpp.Llama`.
