@@ -12,6 +12,7 @@ import json
 import jsonschema
 import openai
 import pytest
+import torch
 
 from tests.standin import tiny_chat_model
 from tests.test_serving import ScriptedLM, make_client
@@ -156,6 +157,52 @@ def test_the_next_turn_accepts_tool_results(tiny):
         {"role": "tool", "tool_call_id": "call_1", "content": "4 degrees, rain"}])
     assert r.choices[0].message.content == "It is 4 degrees and raining in Oslo."
     assert r.choices[0].finish_reason == "stop" and not r.choices[0].message.tool_calls
+
+
+ECHO = '<tool_result name="get_weather">4 degrees, rain</tool_result>'
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_echoed_tool_result_is_cut_not_sent(tiny, stream):
+    # a small model tends to copy the last <tool_result> turn as its answer: the tag is a stop string
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "unit": "celsius"}'}}
+    turns = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call]},
+             {"role": "tool", "tool_call_id": "call_1", "content": "4 degrees, rain"}]
+    for script, expected in [("It is 4 degrees." + ECHO, "It is 4 degrees."), (ECHO, "")]:
+        client = api(ScriptedLM(tiny[1], script), tiny[1])
+        r = client.chat.completions.create(model=MODEL_ID, tools=TOOLS, tool_choice="none", temperature=0,
+                                           messages=turns, stream=stream)
+        if stream:
+            pieces = [c.choices[0].delta.content or "" for c in r if c.choices]
+            assert "".join(pieces) == expected, pieces
+        else:
+            assert r.choices[0].message.content == expected and r.choices[0].finish_reason == "stop"
+    # without tool results in the conversation the tag is just text (nothing to echo)
+    r = api(ScriptedLM(tiny[1], "It is." + ECHO), tiny[1]).chat.completions.create(
+        model=MODEL_ID, messages=ASK, temperature=0)
+    assert r.choices[0].message.content == "It is." + ECHO
+
+
+class GradProbe(ScriptedLM):
+    """ScriptedLM that records, at every forward pass, whether autograd would record it."""
+
+    def __init__(self, tokenizer, text):
+        super().__init__(tokenizer, text)
+        self.grad_modes = []
+
+    def forward(self, *args, **kwargs):
+        self.grad_modes.append(torch.is_grad_enabled())
+        return super().forward(*args, **kwargs)
+
+
+@pytest.mark.parametrize("extra", [{"tools": TOOLS}, {}])
+def test_generation_in_the_server_records_no_autograd_graph(tiny, extra):
+    # the server decodes on worker threads, where autograd is on by default: without inference_mode every
+    # request kept all its activations (hundreds of MB on SmolLM2) until it ended
+    probe = GradProbe(tiny[1], CALL_TEXT)
+    api(probe, tiny[1]).chat.completions.create(model=MODEL_ID, messages=ASK, temperature=0, max_tokens=8, **extra)
+    assert probe.grad_modes and not any(probe.grad_modes)
 
 
 def test_tool_choice_none_answers_in_text(scripted_call):

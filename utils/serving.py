@@ -14,7 +14,7 @@ This module is a small, readable server that follows that schema for SmolLM2:
   `stop()` ends it (the plumbing lives in `utils.server_process`).
 * What a request may contain (strict schema, limits, value checks) lives in `utils.chat_request`.
 * Tool calling and structured output (lesson 16): `tools` / `tool_choice` and `response_format`
-  {"type": "json_schema"} are decoded under a grammar (`grammar_for`: utils.tool_calls and
+  {"type": "json_schema"} are decoded under a grammar (utils.tool_serving: utils.tool_calls and
   utils.json_schema_grammar), so a call names one of the tools with arguments that validate against
   its schema, and a structured answer validates against its schema. A call comes back as an assistant
   message with `tool_calls` and finish_reason "tool_calls", streamed as OpenAI streams it.
@@ -78,8 +78,7 @@ from utils.chat_request import (  # noqa: F401  (the limits: re-exported, docume
     validate_request,
 )
 from utils.checks import check_choice
-from utils.json_schema_grammar import json_schema_grammar
-from utils.sampling import NextTokenLogits, max_positions, sample_next_token, stream_tokens
+from utils.sampling import max_positions, stream_tokens
 from utils.server_process import (  # noqa: F401  (start_server, ChatServer, stop_all_servers: re-exported)
     INSTANCE_ENV,
     ChatServer,
@@ -90,7 +89,13 @@ from utils.server_process import (  # noqa: F401  (start_server, ChatServer, sto
     start_server,
     stop_all_servers,
 )
-from utils.tool_calls import ToolCallStream, render_messages, reply_message, tool_call_grammar
+from utils.tool_calls import render_messages, reply_message
+from utils.tool_serving import (  # noqa: F401  (constrained_tokens: re-exported, lesson 11 shows it)
+    GrammarCache,
+    constrained_tokens,
+    reply_stops,
+    tool_deltas,
+)
 
 MODEL_ID = "SmolLM2-135M-Instruct"  # the name clients pass as `model`
 
@@ -108,28 +113,6 @@ def held_back_chars(text: str, stops: list[str]) -> int:
         if any(s.startswith(text[-n:]) for s in stops):
             return n
     return 0
-
-
-def constrained_tokens(model, input_ids, max_tokens, temperature, top_p, eos, generator, grammar):
-    """stream_tokens for a batch of one under a grammar: yields the next token id (1,) per step; each
-    step may only pick a token grammar.allowed(state) permits (lesson 07's constrained decoding)."""
-    next_logits = NextTokenLogits(model, True, max_positions(model))
-    ids, state = input_ids, grammar.start()
-    for _ in range(max_tokens):
-        logits = next_logits(ids).float()  # (1, V)
-        allowed = grammar.allowed(state)
-        if allowed[grammar.eos]:  # the grammar's end-of-sequence stands for all of the model's eos ids
-            allowed = allowed.clone()
-            allowed[list(eos)] = True
-        keep = torch.zeros(logits.shape[1], dtype=torch.bool)  # the model's vocabulary may be padded
-        keep[: allowed.shape[0]] = allowed
-        logits[0, ~keep] = float("-inf")
-        token = sample_next_token(logits, temperature, top_p=top_p, generator=generator)  # (1,)
-        state = grammar.advance(state, grammar.eos if int(token[0]) in eos else int(token[0]))
-        ids = torch.cat([ids, token[:, None]], dim=1)
-        yield token
-        if int(token[0]) in eos:
-            return
 
 
 def stream_text(model, tokenizer, input_ids, max_tokens, temperature=0.0, top_p=None, stop=(),
@@ -305,20 +288,7 @@ def create_app(model, tokenizer, model_id: str = MODEL_ID, default_max_tokens: i
             raise APIError(404, f"The model {name[:100]!r} does not exist.", "model", "model_not_found")
         return model_card()
 
-    grammars: dict[str, object] = {}  # the last few compiled grammars: an agent sends the same tools each turn
-
-    def grammar_for(settings: dict):
-        """The grammar a request's reply must follow (tools, response_format), or None for free text."""
-        tools, schema = settings["tools"], settings["answer_schema"]
-        if tools is None and schema is None:
-            return None
-        key = json.dumps([tools, settings["tool_choice"], schema])
-        if key not in grammars:
-            if len(grammars) >= 16:
-                grammars.pop(next(iter(grammars)))
-            grammars[key] = (json_schema_grammar(tokenizer, schema) if tools is None else
-                             tool_call_grammar(tokenizer, tools, settings["tool_choice"], schema))
-        return grammars[key]
+    grammar_cache = GrammarCache(tokenizer)  # an agent sends the same tools every turn: compile once
 
     def tokenize(settings: dict):
         messages = render_messages(settings["messages"], settings["tools"], settings["answer_schema"])
@@ -335,10 +305,10 @@ def create_app(model, tokenizer, model_id: str = MODEL_ID, default_max_tokens: i
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         settings = validate_request(req, model_id, max_context, max_token_chars, default_max_tokens)
         input_ids = await run_in_threadpool(tokenize, settings)  # CPU work: off the event loop
-        grammar = await run_in_threadpool(grammar_for, settings)
+        grammar = await run_in_threadpool(grammar_cache.grammar_for, settings)
         prompt_tokens = input_ids.shape[1]
         pieces = stream_text(model, tokenizer, input_ids, settings["max_tokens"], settings["temperature"],
-                             settings["top_p"], settings["stop"], settings["seed"],
+                             settings["top_p"], reply_stops(settings), settings["seed"],
                              step_lock if grammar is not None or app_engine is None else None, grammar,
                              engine=app_engine)
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
@@ -400,17 +370,7 @@ def create_app(model, tokenizer, model_id: str = MODEL_ID, default_max_tokens: i
                     if finish_reason:
                         yield {}, finish_reason, n
                 return
-            splitter, first = ToolCallStream(call_id), True
-            for piece, finish_reason, n in pieces:
-                for delta in splitter.feed(piece, final=finish_reason is not None):
-                    if first:  # the first delta carries the role (and, for a call, content null)
-                        delta = {"role": "assistant", **({"content": None} if "tool_calls" in delta else {}), **delta}
-                        first = False
-                    yield delta, None, n
-                if finish_reason:
-                    if first:
-                        yield {"role": "assistant", "content": ""}, None, n
-                    yield {}, "tool_calls" if splitter.is_call() else finish_reason, n
+            yield from tool_deltas(pieces, call_id)
 
         def events() -> Iterator[str]:  # Starlette runs each step in a worker thread
             n = 0

@@ -24,6 +24,7 @@ import re
 from utils.json_schema_grammar import MAX_STRING_CHARS, NFA, SchemaGrammar, is_any_char, is_not_angle
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+RESULT_OPEN = "<tool_result"  # how a tool's result starts in the conversation (format_tool_result)
 CALL_END = "}" + CALL_CLOSE  # what follows the arguments object
 NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
 CALL_HEADER = re.compile(r'<tool_call>\{"name": ("(?:[^"\\]|\\.)*"), "arguments": ')
