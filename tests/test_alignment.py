@@ -19,6 +19,7 @@ from utils.alignment import (
     IGNORE,
     completion_logprobs,
     dpo_loss,
+    dpo_sft_loss,
     gae_advantages,
     grpo_advantages,
     grpo_loss,
@@ -96,6 +97,24 @@ def test_dpo_loss_rejects_bad_tensors():
         dpo_loss(torch.zeros(2, dtype=torch.long), x, x, x)
     with pytest.raises(ValueError, match="empty"):
         dpo_loss(torch.zeros(0), torch.zeros(0), torch.zeros(0), torch.zeros(0))
+
+
+def test_dpo_sft_loss_adds_the_mean_chosen_nll():
+    pc, pr = torch.tensor([-6.0, -2.0], requires_grad=True), torch.tensor([-9.0, -4.0])
+    ref_c, ref_r = torch.tensor([-5.0, -3.0]), torch.tensor([-8.0, -4.5])
+    dpo, chosen_r, rejected_r = dpo_loss(pc, pr, ref_c, ref_r, beta=0.5)
+    loss, chosen_r2, rejected_r2 = dpo_sft_loss(pc, pr, ref_c, ref_r, torch.tensor([3, 1]), beta=0.5, sft_weight=0.2)
+    assert abs(loss.item() - (dpo.item() + 0.2 * 8.0 / 4)) < 1e-6    # NLL: 8 nats over 4 chosen tokens
+    assert torch.equal(chosen_r, chosen_r2) and torch.equal(rejected_r, rejected_r2)
+    x = torch.tensor([-6.0])                                         # the docstring's example
+    assert abs(dpo_sft_loss(x, x - 1, x, x - 1, torch.tensor([3]))[0].item() - (math.log(2) + 2)) < 1e-6
+    assert dpo_sft_loss(pc, pr, ref_c, ref_r, torch.tensor([3, 1]), sft_weight=0.0)[0].item() == \
+        dpo_loss(pc, pr, ref_c, ref_r)[0].item()
+    for bad, error in [(dict(sft_weight=-1.0), ValueError), (dict(chosen_tokens=torch.tensor([3])), ValueError),
+                       (dict(chosen_tokens=torch.tensor([3, 0])), ValueError), (dict(chosen_tokens=[3, 1]), TypeError)]:
+        args = dict(chosen_tokens=torch.tensor([3, 1])) | bad
+        with pytest.raises(error):
+            dpo_sft_loss(pc, pr, ref_c, ref_r, **args)
 
 
 def test_reward_model_loss():
@@ -448,12 +467,14 @@ def _grads(loss, model):
     return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
 
 
-def test_dpo_loss_matches_trl_dpo_trainer(tmp_path):
+@pytest.mark.parametrize("sft_weight", [None, 0.5])
+def test_dpo_loss_matches_trl_dpo_trainer(tmp_path, sft_weight):
     """Compared: trl.DPOTrainer.compute_loss (loss_type "sigmoid", beta 0.25, float32: trl's default bf16
     autocast is turned off) on one collated batch of 3
     preference pairs, policy = tiny_chat_model(seed 0), reference = tiny_chat_model(seed 1), versus our
     dpo_loss on response_logprobs of the same batch under the same two models. Same loss, same gradient
-    w.r.t. every policy weight, same implicit rewards (trl's logged means), each to 1e-5."""
+    w.r.t. every policy weight, same implicit rewards (trl's logged means), each to 1e-5. With sft_weight:
+    trl's loss_type ["sigmoid", "sft"], loss_weights [1, sft_weight] versus our dpo_sft_loss (RPO)."""
     import trl  # noqa: F401  (pinned in requirements.txt: a missing trl is a failure, not a skip)
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
@@ -463,7 +484,9 @@ def test_dpo_loss_matches_trl_dpo_trainer(tmp_path):
     pairs = Dataset.from_dict({"prompt": ["What is 2+2?", "Name a colour.", "Say hi."],
                                "chosen": [" 4", " Blue, like the sky.", " Hi!"],
                                "rejected": [" 5 or so", " Dog", " No."]})
-    args = DPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, beta=0.25, loss_type=["sigmoid"],
+    losses = dict(loss_type=["sigmoid"]) if sft_weight is None else dict(loss_type=["sigmoid", "sft"],
+                                                                         loss_weights=[1.0, sft_weight])
+    args = DPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, beta=0.25, **losses,
                      per_device_train_batch_size=3, logging_strategy="no", save_strategy="no")
     trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=pairs,
                          processing_class=tokenizer)
@@ -479,6 +502,10 @@ def test_dpo_loss_matches_trl_dpo_trainer(tmp_path):
     loss, chosen_r, rejected_r = dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
                                           beta=0.25)
     assert abs(loss.item() - math.log(2)) > 0.01  # the two models differ: not the trivial log 2
+    if sft_weight is not None:
+        chosen_tokens = (ours_batch["labels"][:3, 1:] != IGNORE).sum(dim=1)      # (3,) tokens of each chosen
+        loss, _, _ = dpo_sft_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
+                                  chosen_tokens, beta=0.25, sft_weight=sft_weight)
     assert abs(loss.item() - trl_loss.item()) < 1e-5
     metrics = trainer._metrics["train"]
     assert abs(chosen_r.mean().item() - metrics["rewards/chosen"][-1]) < 1e-5

@@ -35,6 +35,7 @@ PROMPTS = [[{"role": "user", "content": "What is 2 + 2?"}], [{"role": "user", "c
 def adapted_model(seed: int = 0, n_layers: int = 1):
     """The tiny stand-in with LoRA on its top block, B set to random values so that policy != reference."""
     model, tokenizer = tiny_chat_model(seed)
+    torch.manual_seed(seed)                  # LoRA's A starts random: the same whichever tests ran before
     add_lora_top(model, n_layers, ("q_proj", "v_proj"), r=4, alpha=8)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -258,6 +259,26 @@ def test_flat_groups_are_skipped_only_when_asked():
     # without skipping, the KL term alone pulls the adapted policy back towards the reference
     stats = grpo_step(model, torch.optim.SGD(params, lr=0.1), rollout, flat, beta=0.04)
     assert stats["kl"] > 0 and not all(torch.equal(p, s) for p, s in zip(params, snapshot))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_groups_per_pass_gives_the_same_update(beta):
+    """Gradient accumulation over one group at a time = the update of all groups in one pass."""
+    results = []
+    for groups_per_pass in (None, 1):
+        model, _, rollout, _ = rollout_and_rewards()
+        rewards = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.5, 1.0]])     # both groups carry a signal
+        params = [p for p in model.parameters() if p.requires_grad]
+        stats = grpo_step(model, torch.optim.SGD(params, lr=0.0), rollout, rewards, beta=beta,
+                          max_grad_norm=1e9, groups_per_pass=groups_per_pass)
+        results.append((stats, [p.grad.clone() for p in params]))
+    (full, full_grads), (parts, part_grads) = results
+    assert abs(full["loss"] - parts["loss"]) < 1e-6 and full["loss"] != 0.0
+    assert max((a - b).abs().max().item() for a, b in zip(full_grads, part_grads)) < 1e-6
+    assert max(g.abs().max().item() for g in full_grads) > 1e-4         # a real gradient was compared
+    assert math.isclose(full["kl"], parts["kl"], rel_tol=1e-5, abs_tol=1e-7) or beta == 0.0
+    with pytest.raises(ValueError):
+        grpo_step(model, torch.optim.SGD(params, lr=0.0), rollout, rewards, groups_per_pass=0)
 
 
 def test_select_groups_keeps_whole_groups():

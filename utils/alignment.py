@@ -13,7 +13,8 @@ The losses are a few lines each; the lesson is in what they compare.
      steps (`ppo_loss`). Four models in memory: policy, reference, reward model, value model.
    * **DPO**: no reward model, no sampling. From the log-probabilities of the chosen and rejected
      responses under the policy and the reference,
-     loss = -log sigmoid(beta * [(log pi(y_c) - log ref(y_c)) - (log pi(y_r) - log ref(y_r))])  (`dpo_loss`).
+     loss = -log sigmoid(beta * [(log pi(y_c) - log ref(y_c)) - (log pi(y_r) - log ref(y_r))])  (`dpo_loss`);
+     `dpo_sft_loss` adds the SFT loss on the chosen replies (RPO), which keeps them likely.
    * **GRPO**: no value model. Sample a *group* of answers per prompt, score them (often with a program:
      a verifiable reward), and use each answer's reward relative to its group as the advantage
      (`grpo_advantages`); the loss is PPO's clipped objective plus a KL term to the reference (`grpo_loss`).
@@ -21,8 +22,9 @@ The losses are a few lines each; the lesson is in what they compare.
 Conventions: log-probability tensors are per token, (B, T) = (responses, response tokens), with a 0/1
 `mask` that is 1 on the tokens that count (response tokens, not padding). Masked positions may hold any
 value, NaN included: they are replaced before any arithmetic, so neither the loss nor its gradient
-depends on them. Checked against trl 1.16 in tests/test_alignment.py: dpo_loss against DPOTrainer.compute_loss,
-grpo_advantages and grpo_loss against GRPOTrainer, reward_model_loss against RewardTrainer.compute_loss.
+depends on them. Checked against trl 1.16 in tests/test_alignment.py: dpo_loss and dpo_sft_loss against
+DPOTrainer.compute_loss, grpo_advantages and grpo_loss against GRPOTrainer, reward_model_loss against
+RewardTrainer.compute_loss.
 The PPO loop around ppo_token_rewards / gae_advantages / ppo_loss / value_loss is utils.ppo; the reward
 model is utils.reward_model.
 """
@@ -189,6 +191,32 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, referen
     rejected_rewards = beta * (logps["policy_rejected"] - logps["reference_rejected"])
     loss = -F.logsigmoid(chosen_rewards - rejected_rewards).mean()   # margin 0 -> log 2
     return loss, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def dpo_sft_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
+                 reference_rejected: torch.Tensor, chosen_tokens: torch.Tensor, beta: float = 0.1,
+                 sft_weight: float = 1.0):
+    """DPO plus an SFT term on the chosen replies: dpo_loss + sft_weight * (their mean per-token NLL).
+
+    A known variant: RPO (Pang et al., 2024, "Iterative Reasoning Preference Optimization"; trl's
+    loss_type=["sigmoid", "sft"] with loss_weights=[1, sft_weight]). DPO alone only widens the gap between
+    chosen and rejected and may lower both; the SFT term keeps the chosen replies likely in absolute terms.
+    chosen_tokens: (B,) how many response tokens each chosen reply has (the sums above are over them).
+    Returns (loss, chosen_rewards, rejected_rewards) as dpo_loss. Shown in lesson 13.
+    Example: policy == reference, chosen log-prob -6 over 3 tokens, sft_weight 1 -> log 2 + 2 = 2.693.
+    """
+    sft_weight = check_number("sft_weight", sft_weight, low=0)
+    loss, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, reference_chosen,
+                                                      reference_rejected, beta)
+    if not isinstance(chosen_tokens, torch.Tensor):
+        raise TypeError(f"chosen_tokens must be a torch.Tensor of counts, got {type(chosen_tokens).__name__}")
+    if chosen_tokens.shape != policy_chosen.shape:
+        raise ValueError(f"chosen_tokens must be a tensor of shape {tuple(policy_chosen.shape)}: one count per "
+                         f"chosen reply, got shape {tuple(chosen_tokens.shape)}")
+    if (chosen_tokens < 1).any():
+        raise ValueError("chosen_tokens must be >= 1: every chosen reply has at least one token")
+    nll = -policy_chosen.sum() / chosen_tokens.sum()    # mean over all chosen tokens of the batch (trl's)
+    return loss + sft_weight * nll, chosen_rewards, rejected_rewards
 
 
 # ----------------------------------------------------------------------------------------------

@@ -268,7 +268,8 @@ def rollout_logprobs(model, rollout: Rollout, temperature: float = 1.0) -> torch
 
 def grpo_step(model, optimizer, rollout: Rollout, rewards: torch.Tensor, beta: float = 0.04,
               clip_eps: float = 0.2, temperature: float = 1.0, updates: int = 1,
-              max_grad_norm: float = 1.0, skip_flat_groups: bool = False) -> dict:
+              max_grad_norm: float = 1.0, skip_flat_groups: bool = False,
+              groups_per_pass: int | None = None) -> dict:
     """One GRPO update from a scored rollout; returns the step's numbers (floats). Shown in lesson 14.
 
     rewards: (P, G) or (N,) one per completion. advantages (P, G) -> (N,) one per completion, the same on
@@ -277,11 +278,17 @@ def grpo_step(model, optimizer, rollout: Rollout, rewards: torch.Tensor, beta: f
     skip_flat_groups=True leaves out the groups whose rewards are all equal (advantage 0: they would add
     only the KL term), as DAPO's dynamic sampling does: on a CPU that saves most of the early steps' cost.
     With it off, the loss is trl's GRPOTrainer loss on the same tensors (tests/test_grpo.py).
+    groups_per_pass: run the forward and backward passes on that many groups at a time and add up their
+    gradients (gradient accumulation, each part weighted by its share of the tokens): the same update,
+    but the activations kept for the backward pass, which grow with rows x tokens, are those of one part.
+    None: all groups in one pass.
     """
     beta = check_number("beta", beta, low=0)
     clip_eps = check_number("clip_eps", clip_eps, low=0, high=1, low_open=True, high_open=True)
     updates = check_positive_int("updates", updates)
     max_grad_norm = check_number("max_grad_norm", max_grad_norm, low=0, low_open=True)
+    if groups_per_pass is not None:
+        check_positive_int("groups_per_pass", groups_per_pass)
     if not isinstance(rewards, torch.Tensor):
         raise TypeError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
     n, g = rollout.completion_ids.shape[0], rollout.group_size
@@ -297,32 +304,49 @@ def grpo_step(model, optimizer, rollout: Rollout, rewards: torch.Tensor, beta: f
             return stats | {"loss": float("nan"), "kl": float("nan"), "clipped": float("nan")}
         rollout = select_groups(rollout, signal)
         advantages = advantages.reshape(n // g, g)[signal].reshape(-1)
-    mask = rollout.completion_mask
-    ref = None
-    if beta > 0:
-        with torch.no_grad(), lora_disabled(model):
-            ref = rollout_logprobs(model, rollout, temperature)          # (N, Tc) log pi_ref
+    n_groups = rollout.completion_ids.shape[0] // g                     # groups left to train on
+    per_pass = min(groups_per_pass or n_groups, n_groups)
+    parts = []                                                           # (rollout part, advantages, ref)
+    for first in range(0, n_groups, per_pass):
+        keep = torch.zeros(n_groups, dtype=torch.bool)
+        keep[first:first + per_pass] = True
+        part = rollout if per_pass == n_groups else select_groups(rollout, keep)
+        ref = None
+        if beta > 0:
+            with torch.no_grad(), lora_disabled(model):
+                ref = rollout_logprobs(model, part, temperature)         # (n, Tc) log pi_ref
+        parts.append((part, advantages[first * g:(first + per_pass) * g], ref))
+    total_tokens = rollout.completion_mask.sum()
     params = [p for p in model.parameters() if p.requires_grad]
     for _ in range(updates):
-        new = rollout_logprobs(model, rollout, temperature)              # (N, Tc) with gradient
-        loss = grpo_loss(new, rollout.old_logprobs, ref, advantages, mask, clip_eps=clip_eps, beta=beta)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss_value, ratios, kls = 0.0, [], []
+        for part, part_advantages, ref in parts:
+            mask = part.completion_mask
+            new = rollout_logprobs(model, part, temperature)             # (n, Tc) with gradient
+            loss = grpo_loss(new, part.old_logprobs, ref, part_advantages, mask, clip_eps=clip_eps, beta=beta)
+            loss = loss * (mask.sum() / total_tokens)     # parts add up to the token mean of the batch
+            loss.backward()                               # gradients accumulate; activations are freed
+            loss_value += loss.item()
+            counted = mask.bool()
+            ratios.append(torch.exp(new.detach() - part.old_logprobs)[counted])
+            if ref is not None:
+                kls.append(kl_k3(new.detach(), ref)[counted])
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
-    counted = mask.bool()
-    ratio = torch.exp(new.detach() - rollout.old_logprobs)[counted]
-    kl = kl_k3(new.detach(), ref)[counted].mean().item() if ref is not None else float("nan")
-    return stats | {"loss": loss.item(), "kl": kl,
+    ratio = torch.cat(ratios)
+    kl = torch.cat(kls).mean().item() if kls else float("nan")
+    return stats | {"loss": loss_value, "kl": kl,
                     "clipped": ((ratio < 1 - clip_eps) | (ratio > 1 + clip_eps)).float().mean().item()}
 
 
 def train_grpo(model, tokenizer, optimizer, items: list[dict], reward_fn, steps: int, prompts_per_step: int = 4,
                group_size: int = 4, max_new_tokens: int = 24, temperature: float = 1.0, beta: float = 0.04,
                clip_eps: float = 0.2, updates: int = 1, skip_flat_groups: bool = True, seed: int = 0,
-               progress: bool = True) -> list[dict]:
+               progress: bool = True, groups_per_pass: int | None = None) -> list[dict]:
     """`steps` GRPO steps on items {"prompt": chat messages or text, "answer": int}; the history, one dict
-    per step (grpo_step's numbers). Items are visited in a seeded shuffled order, P per step. Shown in lesson 14.
+    per step (grpo_step's numbers). Items are visited in a seeded shuffled order, P per step. groups_per_pass:
+    see grpo_step (the same update with less memory). Shown in lesson 14.
     """
     steps = check_positive_int("steps", steps)
     prompts_per_step = check_int("prompts_per_step", prompts_per_step, low=1, high=max(1, len(items)))
@@ -343,7 +367,8 @@ def train_grpo(model, tokenizer, optimizer, items: list[dict], reward_fn, steps:
         answers = [it["answer"] for it in batch for _ in range(group_size)]
         rewards = score(rollout.texts, answers, reward_fn).view(len(batch), group_size)  # (P, G)
         stats = grpo_step(model, optimizer, rollout, rewards, beta=beta, clip_eps=clip_eps,
-                          temperature=temperature, updates=updates, skip_flat_groups=skip_flat_groups)
+                          temperature=temperature, updates=updates, skip_flat_groups=skip_flat_groups,
+                          groups_per_pass=groups_per_pass)
         history.append(stats | {"example": rollout.texts[0]})   # one sampled reply, to read what is learnt
     model.eval()
     return history
