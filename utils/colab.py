@@ -36,6 +36,9 @@ NEEDED = {
     "chromadb": "chromadb==1.5.9",
     "trl": "trl==1.16.0",  # lessons 13-14 (parity checks)
     "lm_eval": "lm-eval==0.4.13",  # lesson 15
+    # lm-eval asks for any pytablewriter: without a pin, pip on Python 3.13 rejects two releases with
+    # invalid metadata (pages of warnings) and backtracks to a 2022 one
+    "pytablewriter": "pytablewriter==1.2.1",
     "jsonschema": "jsonschema==4.26.0",  # lesson 16
     "mcp": "mcp==2.3.0",
     "smolagents": "smolagents==1.26.0",
