@@ -175,26 +175,21 @@ def store_outputs(notebooks: list[str]) -> dict[str, dict]:
 
 
 def main(argv: list[str]) -> int:
-    if "--store" in argv:
+    store = "--store" in argv
+    if store:
         argv.remove("--store")
-        out = None
-        if "--out" in argv:
-            i = argv.index("--out")
-            out = argv[i + 1]
-            del argv[i:i + 2]
-        notebooks = argv or sorted(str(p) for p in Path("notebooks").glob("[0-9][0-9]_*.ipynb"))
-        records = store_outputs(notebooks)
-        print(format_table(records))
-        if out:
-            Path(out).write_text(format_table(records) + "\n")
-        return int(any(r["failed"] for r in records.values()))
-
     out = None
     if "--out" in argv:
         i = argv.index("--out")
         out = argv[i + 1]
         del argv[i:i + 2]
     notebooks = argv or sorted(str(p) for p in Path("notebooks").glob("[0-9][0-9]_*.ipynb"))
+    if store:
+        records = store_outputs(notebooks)
+        print(format_table(records))
+        if out:
+            Path(out).write_text(format_table(records) + "\n")
+        return int(any(r["failed"] for r in records.values()))
     env = dict(os.environ)
     if out:
         env["LLM_COURSE_BUDGET_OUT"] = out
