@@ -20,18 +20,18 @@ from pathlib import Path
 
 import nbformat
 
+from utils.chat_ui import CHROMIUM  # the one place the browser's path is defined
 from utils.server_process import free_port
 
-CHROMIUM = "/usr/bin/chromium"
 INSTALL_HINT = "pip install playwright==1.65.2 jupyterlab==4.6.6 ipywidgets==8.1.9; apt-get install -y chromium"
 
 
-def browser_missing() -> str | None:
-    """None when playwright, JupyterLab and Debian's chromium are all here, else what to install."""
-    missing = [name for name in ("playwright", "jupyterlab", "ipywidgets") if importlib.util.find_spec(name) is None]
+def browser_missing(packages=("playwright", "jupyterlab", "ipywidgets"), hint: str = INSTALL_HINT) -> str | None:
+    """None when these packages and Debian's chromium are all here, else what to install (a skip reason)."""
+    missing = [name for name in packages if importlib.util.find_spec(name) is None]
     if not os.path.exists(CHROMIUM):
         missing.append(CHROMIUM)
-    return f"needs {', '.join(missing)}: {INSTALL_HINT}" if missing else None
+    return f"needs {', '.join(missing)}: {hint}" if missing else None
 
 
 def notebook_from_cells(path: Path, cells: list[str]) -> Path:

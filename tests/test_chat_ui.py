@@ -10,17 +10,16 @@ or /usr/bin/chromium is missing.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import threading
 import time
 
 import pytest
 
+from tests.lab_browser import browser_missing
 from tests.standin import tiny_chat_model
 from tests.test_agent import SequenceClient, TurnScripts
 from tests.test_serving import ScriptedLM, make_client
-from utils.chat_ui import CHROMIUM, INSTALL_HINT, chat_reply, message_text, start_chat_ui, without_tool_lines
+from utils.chat_ui import INSTALL_HINT, chat_reply, message_text, start_chat_ui, without_tool_lines
 from utils.course_tools import calculator
 from utils.server_process import port_is_open
 from utils.tool_calls import format_tool_call
@@ -103,17 +102,10 @@ def test_start_chat_ui_refuses_other_hosts_and_bad_ports():
         start_chat_ui("http://127.0.0.1:1/v1", [calculator()], tool_choice="search_web")
 
 
-def browser_missing() -> str | None:
-    missing = [name for name in ("gradio", "playwright") if importlib.util.find_spec(name) is None]
-    if not os.path.exists(CHROMIUM):
-        missing.append(CHROMIUM)
-    return f"needs {', '.join(missing)}: {INSTALL_HINT}" if missing else None
-
-
 @pytest.mark.slow
 def test_the_page_answers_in_a_real_browser(tokenizer):
-    if browser_missing():
-        pytest.skip(browser_missing())
+    if browser_missing(("gradio", "playwright"), INSTALL_HINT):
+        pytest.skip(browser_missing(("gradio", "playwright"), INSTALL_HINT))
     from utils.chat_ui import ask_in_browser
     from utils.serving import create_app, serve_in_thread
 
