@@ -4,8 +4,9 @@ Two ways to use it:
 
 * as a pytest plugin (pyproject's addopts load it with `-p tests.budget`): while nbval runs the
   notebooks, it times each notebook from its first cell to its last and reads the kernel's peak
-  resident memory (Linux `VmHWM`) and, sampled five times a second, the memory of the kernel and
-  any child processes it started (such as the lesson-11 server) together, then prints a table at
+  resident memory (Linux `VmHWM`) and, sampled five times a second, the memory of the kernel (RSS) and
+  any child processes it started (such as the lesson-11 server; PSS, so pages the children share with
+  each other count once) together, then prints a table at
   the end of the run. A notebook is within budget when neither the kernel's peak nor the sampled
   kernel + children total exceeds 2 GiB. Timings are reported, never
   asserted: a slow machine must not fail the course.
@@ -49,11 +50,21 @@ def peak_rss_bytes(pid: int) -> int:
         return 0
 
 
+def _child_memory(child) -> int:
+    """A child's proportional set size (PSS: each page it shares with k processes counts 1/k), so that a
+    browser's dozen processes sharing one binary count it once, as the machine does; RSS where PSS is
+    not available (not Linux)."""
+    try:
+        return child.memory_full_info().pss
+    except Exception:
+        return child.memory_info().rss
+
+
 def _children_rss(pid: int) -> int:
     try:
         import psutil
 
-        return sum(c.memory_info().rss for c in psutil.Process(pid).children(recursive=True))
+        return sum(_child_memory(c) for c in psutil.Process(pid).children(recursive=True))
     except Exception:
         return 0
 

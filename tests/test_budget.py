@@ -39,3 +39,25 @@ def test_store_mode_executes_in_place_and_flags_a_failing_notebook(tmp_path):
     assert records[good]["peak"] > 0  # the kernel's memory was sampled
     stored = json.loads((tmp_path / "good.ipynb").read_text())["cells"][0]["outputs"]
     assert stored[0]["text"] == ["42\n"] or stored[0]["text"] == "42\n"
+
+
+def test_children_are_counted_once_by_proportional_memory():
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from tests.budget import _children_rss
+
+    children = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"]) for _ in range(2)]
+    try:
+        time.sleep(0.5)
+        together = _children_rss(os.getpid())
+        rss_sum = sum(c.memory_info().rss for c in psutil.Process().children(recursive=True))
+        assert 0 < together <= rss_sum  # PSS shares the interpreter's pages between the two children
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()

@@ -92,6 +92,7 @@ from utils.server_process import (  # noqa: F401  (start_server, ChatServer, sto
 from utils.tool_calls import render_messages, reply_message
 from utils.tool_serving import (  # noqa: F401  (constrained_tokens: re-exported, lesson 11 shows it)
     GrammarCache,
+    PrefixCache,
     constrained_tokens,
     reply_stops,
     tool_deltas,
@@ -116,7 +117,8 @@ def held_back_chars(text: str, stops: list[str]) -> int:
 
 
 def stream_text(model, tokenizer, input_ids, max_tokens, temperature=0.0, top_p=None, stop=(),
-                seed=None, step_lock=None, grammar=None, engine=None) -> Iterator[tuple[str, str | None, int]]:
+                seed=None, step_lock=None, grammar=None, engine=None,
+                prefix_cache=None) -> Iterator[tuple[str, str | None, int]]:
     """Yield (text piece, finish_reason or None, completion tokens so far) once per decoding step.
 
     The tokens come from lesson 06's KV-cached decoding loop, `stream_tokens` (batch of one, (1, T)
@@ -125,7 +127,8 @@ def stream_text(model, tokenizer, input_ids, max_tokens, temperature=0.0, top_p=
     "length" (max_tokens). step_lock: held around each step, so that concurrent requests take turns
     on the CPU. grammar: decode under it (`constrained_tokens`; lesson 16). engine: a started
     utils.continuous_batching.ContinuousBatcher that decodes this request in its shared batch instead
-    (lesson 17; not combined with a grammar). Shown in lesson 11.
+    (lesson 17; not combined with a grammar). prefix_cache: a utils.tool_serving.PrefixCache that
+    grammar-decoded requests start from (lesson 16). Shown in lesson 11.
     """
     stops = [s for s in stop if s]
     generator = None if seed is None else torch.Generator().manual_seed(seed)
@@ -133,7 +136,8 @@ def stream_text(model, tokenizer, input_ids, max_tokens, temperature=0.0, top_p=
     eos = {tokenizer.eos_token_id} | set(eos if isinstance(eos, (list, tuple)) else [eos])
     eos = {int(t) for t in eos if t is not None}
     if grammar is not None:  # constrained decoding (lesson 16): only tokens the grammar allows
-        steps = constrained_tokens(model, input_ids, max_tokens, temperature, top_p, eos, generator, grammar)
+        steps = constrained_tokens(model, input_ids, max_tokens, temperature, top_p, eos, generator, grammar,
+                                   prefix_cache)
     elif engine is not None:  # continuous batching (lesson 17): the engine's thread runs the steps
         steps = engine.stream(input_ids[0].tolist(), max_tokens, temperature, top_p, generator)
     else:
@@ -222,7 +226,8 @@ def create_app(model, tokenizer, model_id: str = MODEL_ID, default_max_tokens: i
     """A FastAPI app serving `model` (a transformers causal LM) with OpenAI's chat-completions schema.
 
     instance_id: echoed by /health, so that start_server can tell its own child from another server.
-    app.state.step_lock is the lock each decoding step holds (one model, one forward pass at a time).
+    app.state.step_lock is the lock each decoding step holds (one model, one forward pass at a time);
+    app.state.prefix_cache the PrefixCache of requests decoded under a grammar (tools, response_format).
     batching: "one_at_a_time" (requests take turns, step by step) or "continuous" (lesson 17: one
     batch that requests join and leave at every step, run by app.state.engine in a background thread).
     """
@@ -289,6 +294,7 @@ def create_app(model, tokenizer, model_id: str = MODEL_ID, default_max_tokens: i
         return model_card()
 
     grammar_cache = GrammarCache(tokenizer)  # an agent sends the same tools every turn: compile once
+    app.state.prefix_cache = prefix_cache = PrefixCache()  # ... and the same first few hundred tokens
 
     def tokenize(settings: dict):
         messages = render_messages(settings["messages"], settings["tools"], settings["answer_schema"])
@@ -310,7 +316,7 @@ def create_app(model, tokenizer, model_id: str = MODEL_ID, default_max_tokens: i
         pieces = stream_text(model, tokenizer, input_ids, settings["max_tokens"], settings["temperature"],
                              settings["top_p"], reply_stops(settings), settings["seed"],
                              step_lock if grammar is not None or app_engine is None else None, grammar,
-                             engine=app_engine)
+                             engine=app_engine, prefix_cache=prefix_cache)
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         call_id = f"call_{uuid.uuid4().hex[:24]}"
         tools = settings["tools"] is not None

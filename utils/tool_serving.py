@@ -7,7 +7,12 @@ utils.serving (lesson 11) answers plain chat requests; lesson 16 adds `tools` / 
   utils.json_schema_grammar.json_schema_grammar), compiled once per set of tools: an agent sends the
   same tools on every turn, and compiling walks the whole vocabulary.
 * `constrained_tokens`: lesson 06's decoding loop for a batch of one, where each step may only pick a
-  token the grammar allows (lesson 07's constrained decoding).
+  token the grammar allows (lesson 07's constrained decoding). Where the grammar allows exactly one
+  token (`<tool_call>{"name": "`, `"}}</tool_call>`) it is appended without asking the model
+  ("jump-forward" decoding, as in SGLang): the model reads those tokens together at its next step.
+* `PrefixCache`: the keys and values of the last requests, so that a request that starts with the same
+  tokens (an agent resends the same system prompt and tools every turn) does not read them again:
+  vLLM's automatic prefix caching, in miniature.
 * `reply_stops`: the stop strings a free-text reply gets after tool results. The conversation shows
   the model `<tool_result ...>` turns (utils.tool_calls.render_messages); a small model tends to copy
   the last one as its answer. A reply never needs to contain a tool result, so the tag is a stop string:
@@ -17,7 +22,9 @@ utils.serving (lesson 11) answers plain chat requests; lesson 16 adds `tools` / 
 
 from __future__ import annotations
 
+import copy
 import json
+import threading
 from typing import Iterator
 
 import torch
@@ -66,27 +73,91 @@ def reply_stops(settings: dict) -> list[str]:
     return stops
 
 
-@torch.inference_mode()  # no autograd graph: without it every request kept its activations until it ended
-def constrained_tokens(model, input_ids, max_tokens, temperature, top_p, eos, generator, grammar):
-    """stream_tokens for a batch of one under a grammar: yields the next token id (1,) per step; each
-    step may only pick a token grammar.allowed(state) permits (lesson 07's constrained decoding)."""
-    next_logits = NextTokenLogits(model, True, max_positions(model))
-    ids, state = input_ids, grammar.start()
-    for _ in range(max_tokens):
-        logits = next_logits(ids).float()  # (1, V)
-        allowed = grammar.allowed(state)
-        if allowed[grammar.eos]:  # the grammar's end-of-sequence stands for all of the model's eos ids
-            allowed = allowed.clone()
-            allowed[list(eos)] = True
-        keep = torch.zeros(logits.shape[1], dtype=torch.bool)  # the model's vocabulary may be padded
-        keep[: allowed.shape[0]] = allowed
-        logits[0, ~keep] = float("-inf")
-        token = sample_next_token(logits, temperature, top_p=top_p, generator=generator)  # (1,)
-        state = grammar.advance(state, grammar.eos if int(token[0]) in eos else int(token[0]))
-        ids = torch.cat([ids, token[:, None]], dim=1)
-        yield token
-        if int(token[0]) in eos:
+class PrefixCache:
+    """Keys and values of the last few requests, for a request that starts with the same tokens.
+
+    lookup(ids) -> (a private copy of the cache cut to the longest stored prefix of ids, its length),
+    or (None, 0); store(ids, cache) after a request (cache holds exactly the keys and values of ids).
+    Only transformers caches (they can be cut with crop). The keys and values belong to the weights that
+    computed them: change the weights (merge an adapter) and start a new server, with a new cache.
+    Example: past, n = prefix_cache.lookup(ids)
+    """
+
+    def __init__(self, max_entries: int = 2, min_tokens: int = 32):
+        self.max_entries, self.min_tokens = max_entries, min_tokens  # a shorter match is not worth a copy
+        self.entries: list[tuple[list[int], object]] = []  # (token ids, cache), newest last
+        self.lock = threading.Lock()  # requests run in the server's worker threads
+        self.hits = self.reused_tokens = 0
+
+    def lookup(self, ids: list[int]):
+        with self.lock:
+            best, n = None, 0
+            for tokens, past in self.entries:
+                same = 0
+                for a, b in zip(tokens, ids):
+                    if a != b:
+                        break
+                    same += 1
+                if same > n:
+                    best, n = past, same
+            n = min(n, len(ids) - 1)  # the last prompt token is always fed: its logits pick the first token
+            if best is None or n < self.min_tokens:
+                return None, 0
+            past = copy.deepcopy(best)  # the request appends to its copy; the stored one stays as it is
+            self.hits, self.reused_tokens = self.hits + 1, self.reused_tokens + n
+        if past.get_seq_length() > n:
+            past.crop(n - past.get_seq_length())  # a negative count removes that many tokens
+        return past, n
+
+    def store(self, ids: list[int], past) -> None:
+        if past is None or not hasattr(past, "crop") or past.get_seq_length() != len(ids):
             return
+        with self.lock:
+            self.entries = [e for e in self.entries if e[0] != ids][-(self.max_entries - 1):] + [(ids, past)]
+
+
+@torch.inference_mode()  # no autograd graph: without it every request kept its activations until it ended
+def constrained_tokens(model, input_ids, max_tokens, temperature, top_p, eos, generator, grammar,
+                       prefix_cache: PrefixCache | None = None):
+    """stream_tokens for a batch of one under a grammar: yields the next token id (1,) per step; each
+    step may only pick a token grammar.allowed(state) permits (lesson 07's constrained decoding).
+
+    A token the grammar forces (the only one allowed) costs no forward pass: it joins the tokens the
+    model reads at its next step. The tokens are the same as step by step under greedy decoding (a
+    seeded sample may differ: fewer random draws are made). prefix_cache: start from the keys and
+    values of an earlier request with the same first tokens, and leave this one's there at the end.
+    """
+    next_logits = NextTokenLogits(model, True, max_positions(model))
+    if prefix_cache is not None and next_logits.hf:  # start from the keys and values of an earlier request
+        next_logits.cache, next_logits.cached = prefix_cache.lookup(input_ids[0].tolist())
+    ids, state = input_ids, grammar.start()
+    try:
+        for _ in range(max_tokens):
+            allowed = grammar.allowed(state)
+            if allowed[grammar.eos]:  # the grammar's end-of-sequence stands for all of the model's eos ids
+                allowed = allowed.clone()
+                allowed[grammar.eos] = False
+                if not allowed.any():  # only the end is allowed: finish without a forward pass
+                    yield torch.tensor([min(eos)])
+                    return
+                allowed[list(eos)] = True
+            choices = allowed.nonzero()
+            if len(choices) == 1 and int(choices[0, 0]) not in eos:  # forced: jump forward
+                token = choices[0]  # (1,)
+            else:
+                logits = next_logits(ids).float()  # (1, V)
+                keep = torch.zeros(logits.shape[1], dtype=torch.bool)  # the model's vocabulary may be padded
+                keep[: allowed.shape[0]] = allowed
+                logits[0, ~keep] = float("-inf")
+                token = sample_next_token(logits, temperature, top_p=top_p, generator=generator)  # (1,)
+            state = grammar.advance(state, grammar.eos if int(token[0]) in eos else int(token[0]))
+            ids = torch.cat([ids, token[:, None]], dim=1)
+            yield token
+            if int(token[0]) in eos:
+                return
+    finally:  # also when the caller stops early (a stop string, a client that went away)
+        if prefix_cache is not None and next_logits.hf:
+            prefix_cache.store(ids[0, :next_logits.cached].tolist(), next_logits.cache)
 
 
 def tool_deltas(pieces, call_id: str) -> Iterator[tuple[dict, str | None, int]]:
