@@ -156,7 +156,7 @@ def constrained_tokens(model, input_ids, max_tokens, temperature, top_p, eos, ge
             if int(token[0]) in eos:
                 return
     finally:  # also when the caller stops early (a stop string, a client that went away)
-        if prefix_cache is not None and next_logits.hf:
+        if prefix_cache is not None and next_logits.hf and ids.shape[1] <= next_logits.window:  # not slid
             prefix_cache.store(ids[0, :next_logits.cached].tolist(), next_logits.cache)
 
 
