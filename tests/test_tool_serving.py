@@ -142,3 +142,33 @@ def test_prefix_cache_lookup_rules(setup):
         with torch.inference_mode():
             cache.store(more, model(input_ids=torch.tensor([more]), use_cache=True).past_key_values)
     assert [e[0][0] for e in cache.entries] == [51, 52]
+    for size, kept in [(1, [52]), (0, [])]:  # one entry, or none at all (caching off)
+        cache.max_entries = size
+        cache.store(more, cache.entries[-1][1] if cache.entries else past)
+        assert [e[0][0] for e in cache.entries] == kept
+
+
+def test_the_server_reuses_an_agents_shared_prompt_and_answers_the_same(setup):
+    import openai
+    from fastapi.testclient import TestClient
+
+    from utils.serving import MODEL_ID, create_app
+
+    model, tokenizer, _ = setup
+    apps = [create_app(model, tokenizer), create_app(model, tokenizer)]
+    clients = [openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused", max_retries=0,
+                             http_client=TestClient(app, base_url="http://127.0.0.1:8000")) for app in apps]
+    apps[1].state.prefix_cache.max_entries = 0  # the second server never finds anything: plain decoding
+
+    def turn(client, question, **extra):
+        return client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": question}],
+                                              tools=TOOLS, temperature=0, max_tokens=300, **extra)
+
+    for question, choice in [("Weather in Oslo?", "required"), ("Add 2 and 40.", "required"),
+                             ("Weather in Oslo?", "auto")]:
+        cached, plain = turn(clients[0], question, tool_choice=choice), turn(clients[1], question, tool_choice=choice)
+        assert cached.choices[0].message.model_dump() == plain.choices[0].message.model_dump() or (
+            cached.choices[0].message.tool_calls[0].function.model_dump()
+            == plain.choices[0].message.tool_calls[0].function.model_dump())  # call ids are random
+    assert apps[0].state.prefix_cache.hits == 2  # the 2nd and 3rd requests started from earlier tokens
+    assert apps[0].state.prefix_cache.reused_tokens > 2 * 500

@@ -11,8 +11,8 @@ utils.serving (lesson 11) answers plain chat requests; lesson 16 adds `tools` / 
   token (`<tool_call>{"name": "`, `"}}</tool_call>`) it is appended without asking the model
   ("jump-forward" decoding, as in SGLang): the model reads those tokens together at its next step.
 * `PrefixCache`: the keys and values of the last requests, so that a request that starts with the same
-  tokens (an agent resends the same system prompt and tools every turn) does not read them again:
-  vLLM's automatic prefix caching, in miniature.
+  tokens (every request that offers an agent's tools starts with the same system prompt and tool
+  descriptions) does not read them again: vLLM's automatic prefix caching, in miniature.
 * `reply_stops`: the stop strings a free-text reply gets after tool results. The conversation shows
   the model `<tool_result ...>` turns (utils.tool_calls.render_messages); a small model tends to copy
   the last one as its answer. A reply never needs to contain a tool result, so the tag is a stop string:
@@ -113,7 +113,8 @@ class PrefixCache:
         if past is None or not hasattr(past, "crop") or past.get_seq_length() != len(ids):
             return
         with self.lock:
-            self.entries = [e for e in self.entries if e[0] != ids][-(self.max_entries - 1):] + [(ids, past)]
+            kept = [e for e in self.entries if e[0] != ids] + [(ids, past)]
+            self.entries = kept[len(kept) - self.max_entries:] if self.max_entries > 0 else []  # newest kept
 
 
 @torch.inference_mode()  # no autograd graph: without it every request kept its activations until it ended
