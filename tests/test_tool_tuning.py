@@ -10,7 +10,7 @@ from tests.test_tool_calls import TOOLS
 from utils.lora import add_lora, answer_loss
 from utils.tool_calls import CALL_OPEN, format_tool_call, parse_tool_call, render_messages, tool_call_grammar
 from utils.tool_serving import constrained_tokens
-from utils.tool_tuning import shared_prefix_loss, trace_examples, train_tool_calls
+from utils.tool_tuning import prefix_keys_values, shared_prefix_loss, trace_examples, train_tool_calls
 
 SYSTEM = "You help with the weather and with sums."
 TRACES = [
@@ -72,6 +72,11 @@ def test_shared_prefix_loss_is_the_loss_of_the_full_examples(tiny):
     with torch.no_grad():
         reference = answer_loss(model, batch)
     assert abs(float(ours) - float(reference)) < 1e-5
+    past = prefix_keys_values(model, prefix)  # shared between calls: each call works on its own copy
+    for _ in range(2):
+        assert abs(float(shared_prefix_loss(model, prefix, rows, calls, tokenizer.pad_token_id, past))
+                   - float(reference)) < 1e-5
+    assert past.get_seq_length() == prefix.shape[1] and past.layers[0].keys.shape[0] == 1
     ours.backward()  # the gradient reaches the adapters through the examples' own tokens
     assert all(m.lora_A.grad is not None and m.lora_A.grad.abs().sum() > 0
                for m in model.modules() if hasattr(m, "lora_A"))
