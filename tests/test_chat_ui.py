@@ -10,8 +10,10 @@ or /usr/bin/chromium is missing.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -121,6 +123,8 @@ def test_the_page_answers_in_a_real_browser(tokenizer):
     # the page showed the tool call and the streamed answer, as the browser rendered them
     assert reply.strip() == SHOWN_CALL.replace("`", "") + "\n\nIt is 9716."  # the browser shows the code, no backticks
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    if os.environ.get("CHAT_PAGE_SCREENSHOT"):  # lesson 16 shows this screenshot: refresh it with this variable
+        Path(os.environ["CHAT_PAGE_SCREENSHOT"]).write_bytes(png)
     # everything it started is stopped: the port is closed and no thread is left behind
     assert not ui.running() and not port_is_open("127.0.0.1", ui.port)
     deadline = time.monotonic() + 10

@@ -106,6 +106,21 @@ def test_merge_gives_the_same_outputs_as_the_adapters(ids):
     assert not torch.allclose(tiny_llama()(ids).logits, unmerged, atol=1e-3)  # the update did something
 
 
+def test_merge_updates_float_weights_where_they_are(ids):
+    model = tiny_llama()
+    before = {n: m.weight for n, m in model.named_modules() if n.endswith(tuple(TARGETS))}
+    expected = {n: w.detach().clone() for n, w in before.items()}
+    add_lora(model, TARGETS, r=4, alpha=16)
+    randomize_b(model)
+    for n, layer in lora_layers(model).items():
+        expected[n] += layer.delta_weight().detach()
+    merge_lora(model)
+    for n, m in model.named_modules():
+        if n in before:  # the same tensor (no copy of the weights), now holding W + (alpha / r) B A
+            assert m.weight is before[n] and not m.weight.requires_grad
+            torch.testing.assert_close(m.weight, expected[n])
+
+
 def test_remove_lora_restores_the_original_layers(ids):
     model = tiny_llama()
     reference = model(ids).logits.detach()

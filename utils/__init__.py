@@ -51,6 +51,8 @@ One concept per module, each a one-sitting read (see README's lesson map):
     utils.calculator       a safe arithmetic evaluator (AST, never eval)                       (lesson 16)
     utils.course_tools     the agent's tools: calculator, handbook search, send_message        (lesson 16)
     utils.agent            the agent loop from scratch: steps, limits, tool errors, defences   (lesson 16)
+    utils.tool_tuning      LoRA on tool-use traces; the shared system prompt run once a step   (lesson 16)
+    utils.minilm           all-MiniLM-L6-v2 from scratch: a BERT encoder + mean pooling        (lesson 16)
     utils.mcp_tools        the same tools over MCP (official SDK, stdio)                       (lesson 16)
     utils.framework_agent  the same agent in smolagents, for comparison                        (lesson 16)
     utils.chat_ui          a Gradio chat page over the server, checked in headless Chromium    (lesson 16)

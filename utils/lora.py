@@ -135,7 +135,8 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its weight, W <- W + (alpha / r) B A, and unwrap it (in place).
 
-    A quantised base is de-quantised first: the merged layer is a plain float nn.Linear. Shown in lesson 08.
+    A float base layer is updated where it is (no second copy of the weights, and afterwards no extra
+    work per token); a quantised base is de-quantised into a new plain float nn.Linear. Shown in lesson 08.
     """
     names = list(lora_layers(model))
     if not names:
@@ -144,7 +145,10 @@ def merge_lora(model: nn.Module) -> nn.Module:
     @torch.no_grad()
     def merged(layer: LoRALinear) -> nn.Linear:
         base = layer.base
-        weight = base.dequantized_weight() if hasattr(base, "dequantized_weight") else base.weight
+        if not hasattr(base, "dequantized_weight"):  # a plain float layer: add the update to its own weight
+            base.weight.add_(layer.delta_weight().to(base.weight.dtype))
+            return base.requires_grad_(False)
+        weight = base.dequantized_weight()
         linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
                            device=weight.device, dtype=weight.dtype)
         linear.weight.copy_(weight + layer.delta_weight().to(weight.dtype))
