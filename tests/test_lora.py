@@ -106,6 +106,18 @@ def test_merge_gives_the_same_outputs_as_the_adapters(ids):
     assert not torch.allclose(tiny_llama()(ids).logits, unmerged, atol=1e-3)  # the update did something
 
 
+def test_merge_leaves_a_tied_weight_alone(ids):
+    model = tiny_llama()  # tie_word_embeddings: lm_head.weight is the embedding table
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    add_lora(model, ["lm_head", "q_proj"], r=4, alpha=16)
+    randomize_b(model)
+    unmerged = model(ids).logits.detach()
+    merge_lora(model)
+    torch.testing.assert_close(model.model.embed_tokens.weight, embedding, atol=0, rtol=0)  # input side unchanged
+    torch.testing.assert_close(model(ids).logits, unmerged, atol=1e-5, rtol=1e-5)
+
+
 def test_merge_updates_float_weights_where_they_are(ids):
     model = tiny_llama()
     before = {n: m.weight for n, m in model.named_modules() if n.endswith(tuple(TARGETS))}

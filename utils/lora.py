@@ -30,6 +30,7 @@ import os
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -136,19 +137,24 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its weight, W <- W + (alpha / r) B A, and unwrap it (in place).
 
     A float base layer is updated where it is (no second copy of the weights, and afterwards no extra
-    work per token); a quantised base is de-quantised into a new plain float nn.Linear. Shown in lesson 08.
+    work per token); a quantised base, or a weight the model also uses elsewhere (tied embeddings), goes
+    into a new plain float nn.Linear instead. Shown in lesson 08.
     """
     names = list(lora_layers(model))
     if not names:
         raise ValueError("the model has no LoRA adapters to merge")
+    # a weight stored once and used twice (SmolLM2's output layer is its embedding table) must not be
+    # changed in place: the other use would change too. Such a layer gets a merged copy instead.
+    uses = Counter(p.untyped_storage().data_ptr() for _, p in model.named_parameters(remove_duplicate=False))
 
     @torch.no_grad()
     def merged(layer: LoRALinear) -> nn.Linear:
         base = layer.base
-        if not hasattr(base, "dequantized_weight"):  # a plain float layer: add the update to its own weight
+        shared = getattr(base, "weight", None) is not None and uses[base.weight.untyped_storage().data_ptr()] > 1
+        if not hasattr(base, "dequantized_weight") and not shared:  # add the update to the layer's own weight
             base.weight.add_(layer.delta_weight().to(base.weight.dtype))
             return base.requires_grad_(False)
-        weight = base.dequantized_weight()
+        weight = base.dequantized_weight() if hasattr(base, "dequantized_weight") else base.weight
         linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
                            device=weight.device, dtype=weight.dtype)
         linear.weight.copy_(weight + layer.delta_weight().to(weight.dtype))
