@@ -98,7 +98,7 @@ def score_item(model, tokenizer, question: str, choices: list[str]) -> dict:
     The question is the same for every choice, so it runs through the model once; the choices then
     run together (B = len(choices)) on copies of its KV cache (lesson 06), and the output layer is
     applied only where a choice token is predicted. Same numbers as one forward pass per choice, at
-    about a third of the cost for a long question.
+    less cost for a long question (the shared question is run once).
     Returns {"logprobs": [float per choice], "n_tokens": [continuation tokens per choice],
     "pred": argmax of logprobs, "pred_norm": argmax of logprobs / bytes of the choice}.
     """
