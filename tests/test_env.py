@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils.env import environment_report, num_threads, seed_everything, setup_notebook, where_am_i
+from utils.env import (available_cpus, cgroup_cpu_limit, environment_report, num_threads, seed_everything,
+                       setup_notebook, where_am_i)
 
 
 def test_seed_everything_repeats_python_numpy_and_torch():
@@ -29,6 +30,40 @@ def test_thread_count_is_fixed():
 def test_bad_seed_is_refused(bad, error):
     with pytest.raises(error, match="seed must be an int"):
         seed_everything(bad)
+
+
+@pytest.mark.parametrize("files, limit", [
+    ({"cpu.max": "100000 100000\n"}, 1.0),                # cgroup v2, Binder-like: one CPU
+    ({"cpu.max": "150000 100000"}, 1.5),
+    ({"cpu.max": "max 100000\n"}, None),                  # no limit
+    ({"cpu.max": "lots of cpus"}, None),                   # malformed: ignored
+    ({"cpu/cpu.cfs_quota_us": "200000", "cpu/cpu.cfs_period_us": "100000"}, 2.0),   # cgroup v1
+    ({"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None),      # v1: no limit
+    ({"cpu/cpu.cfs_quota_us": "100000", "cpu/cpu.cfs_period_us": "0"}, None),
+    ({}, None),                                            # no cgroup files at all
+])
+def test_cgroup_cpu_limit(tmp_path, files, limit):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_cpu_limit(tmp_path) == limit
+
+
+def test_threads_follow_the_cpus_this_process_may_use(monkeypatch):
+    import utils.env as env
+
+    monkeypatch.delenv("LLM_COURSE_THREADS", raising=False)
+    monkeypatch.setattr(env.os, "sched_getaffinity", lambda pid: {3}, raising=False)  # taskset -c 3
+    monkeypatch.setattr(env, "cgroup_cpu_limit", lambda: None)
+    assert available_cpus() == 1 and num_threads() == 1
+    monkeypatch.setattr(env.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert num_threads() == 2  # the course's reference: 2 threads
+    monkeypatch.setattr(env, "cgroup_cpu_limit", lambda: 1.0)  # 16 CPUs visible, a quota of one (Binder)
+    assert available_cpus() == 1 and num_threads() == 1
+    monkeypatch.setattr(env, "cgroup_cpu_limit", lambda: 0.5)
+    assert available_cpus() == 1
+    monkeypatch.setenv("LLM_COURSE_THREADS", "4")
+    assert num_threads() == 4  # the explicit setting wins
 
 
 def test_bad_thread_env_is_refused(monkeypatch):

@@ -62,6 +62,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from utils.checks import check_choice, check_int, check_positive_int
+from utils.env import available_cpus
 from utils.gpt import GPT, GPTConfig
 from utils.tiny_gpt import TINY_MODEL_SHAPE, TINY_TRAIN_CONFIG
 from utils.training import TrainConfig, get_batch, lr_at, make_optimizer
@@ -214,7 +215,7 @@ def run(mode: str, steps: int, batch_size: int, seed: int, grad_accum: int = 1, 
     if use_cuda:
         torch.cuda.set_device(device)
     else:
-        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_procs))
+        torch.set_num_threads(threads or max(1, available_cpus() // local_procs))
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # lets cuBLAS be deterministic
     torch.use_deterministic_algorithms(True, warn_only=True)  # warn (not fail) if a GPU kernel has no such mode
     random.seed(seed)

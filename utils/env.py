@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import random
@@ -48,14 +49,51 @@ def where_am_i() -> str:
     return "local"
 
 
+def cgroup_cpu_limit(root: str | os.PathLike = "/sys/fs/cgroup") -> float | None:
+    """The CPU quota of this process's container in CPUs (e.g. 1.0 on Binder), or None if unlimited or
+    unknown. Reads cgroup v2's cpu.max ("100000 100000") or v1's cpu.cfs_quota_us / cpu.cfs_period_us;
+    anything unreadable or malformed counts as no limit. Example: cgroup_cpu_limit() -> 1.0"""
+    root = Path(root)
+
+    def read(path: Path) -> str | None:
+        try:
+            return path.read_text()[:100].strip()  # a few bytes at most: never size anything by the file
+        except OSError:
+            return None
+
+    v2 = read(root / "cpu.max")
+    if v2 is not None:
+        quota, _, period = v2.partition(" ")
+    else:
+        quota, period = read(root / "cpu" / "cpu.cfs_quota_us"), read(root / "cpu" / "cpu.cfs_period_us")
+    quota, period = (quota or "").strip(), (period or "").strip()
+    if not (quota and period and quota.isdigit() and period.isdigit() and int(period) > 0):
+        return None  # "max", "-1" (v1's "no limit"), missing or malformed
+    return int(quota) / int(period)
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its CPU affinity (taskset, a scheduler), capped by the container's CPU
+    quota. os.cpu_count() counts the whole machine: on Binder it sees many CPUs and may use one."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows: no affinity API
+        cpus = os.cpu_count() or 1
+    limit = cgroup_cpu_limit()
+    if limit is not None:
+        cpus = min(cpus, max(1, math.ceil(limit - 1e-9)))  # a quota of 1.5 CPUs: 2 threads at most
+    return max(1, cpus)
+
+
 def num_threads() -> int:
-    """The thread count the course uses: LLM_COURSE_THREADS if set, else min(2, CPUs)."""
+    """The thread count the course uses: LLM_COURSE_THREADS if set, else min(2, the CPUs available).
+    More threads than CPUs makes every parallel step wait for a thread that is not running."""
     value = os.environ.get("LLM_COURSE_THREADS")
     if value is not None:
         if not value.isdigit() or int(value) < 1:
             raise ValueError(f"LLM_COURSE_THREADS must be a positive integer, got {value!r}")
         return int(value)
-    return max(1, min(DEFAULT_THREADS, os.cpu_count() or 1))
+    return min(DEFAULT_THREADS, available_cpus())
 
 
 def seed_everything(seed: int = 0, threads: int | None = None) -> None:
