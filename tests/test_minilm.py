@@ -15,10 +15,9 @@ TINY = {"hidden_size": 32, "layer_norm_eps": 1e-12, "vocab_size": 30522, "max_po
 def bert_tokenizer():
     from tokenizers import Tokenizer
 
-    from utils.models import EMBEDDER_PACKAGE, EMBEDDER_PACKAGE_PIP, package_folder
+    from utils.models import embedder_folder
 
-    tokenizer = Tokenizer.from_file(str(package_folder(EMBEDDER_PACKAGE, EMBEDDER_PACKAGE_PIP) / "model" /
-                                        "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(str(embedder_folder() / "tokenizer.json"))
     tokenizer.enable_truncation(64)
     tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
     return tokenizer
@@ -30,7 +29,7 @@ def tiny_pair(bert_tokenizer):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    config = BertConfig(**{k: v for k, v in TINY.items()}, hidden_act="gelu")
+    config = BertConfig(**TINY, hidden_act="gelu")
     bert = BertModel(config, add_pooling_layer=False).eval()
     ours = assign_weights(MiniLM(TINY, bert_tokenizer), bert.state_dict())
     return bert, ours

@@ -121,11 +121,9 @@ def load_minilm() -> MiniLM:
     from safetensors.torch import load_file
     from tokenizers import Tokenizer
 
-    from utils.models import (EMBEDDER_PACKAGE, EMBEDDER_PACKAGE_PIP, EMBEDDER_SHA256, EMBEDDER_WEIGHTS_FILE,
-                              package_folder, verify_sha256)
+    from utils.models import EMBEDDER_WEIGHTS_FILE, embedder_folder
 
-    folder = package_folder(EMBEDDER_PACKAGE, EMBEDDER_PACKAGE_PIP) / "model"
-    verify_sha256(folder / EMBEDDER_WEIGHTS_FILE, EMBEDDER_SHA256)
+    folder = embedder_folder()
     config = json.loads((folder / "config.json").read_text())
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     tokenizer.enable_truncation(MAX_SEQ_LENGTH)

@@ -311,6 +311,11 @@ def load_embedder(hub_id: str | None = None, device: str = "cpu"):
     if hub_id is not None:
         _check_hub_opt_in(hub_id)
         return SentenceTransformer(hub_id, device=device)
+    return SentenceTransformer(str(embedder_folder()), device=device, local_files_only=True)
+
+
+def embedder_folder() -> Path:
+    """The packaged all-MiniLM-L6-v2 folder (config, tokenizer, safetensors), its weights sha256-checked."""
     folder = package_folder(EMBEDDER_PACKAGE, EMBEDDER_PACKAGE_PIP) / "model"
     verify_sha256(folder / EMBEDDER_WEIGHTS_FILE, EMBEDDER_SHA256)
-    return SentenceTransformer(str(folder), device=device, local_files_only=True)
+    return folder
