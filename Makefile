@@ -31,12 +31,16 @@ setup: $(STAMP)
 lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks/00_welcome_and_setup.ipynb
 
+# The utils tests run two at a time (pytest-xdist; most of their time is spent waiting on the processes
+# and servers they start), whole files per worker; then the notebooks, one at a time, each measured
+# against the budget (tests/budget.py prints the table).
 test: export OMP_WAIT_POLICY = PASSIVE
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile tests
+	$(BIN)/python -m pytest notebooks
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" tests
+	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not slow" tests
 
 budget: $(STAMP)
 	$(BIN)/python tests/budget.py

@@ -47,9 +47,11 @@ CONTENT = Path("/content")  # Colab's working folder; the setup cell's paths are
 
 # Colab-like stacks: the interpreter and what Colab has preinstalled that the course could touch.
 # Deliberately absent (Colab lacks them): faiss-cpu, gguf and the course's data packages.
-_COMMON = ["numpy", "pandas", "scipy", "scikit-learn", "matplotlib", "ipywidgets==7.7.1", "ipykernel<7",
-           "jupyter-client", "nbconvert", "nbformat", "tqdm", "requests", "httpx", "gradio", "openai",
-           "regex", "psutil", "jsonschema", "pydantic", "safetensors", "tokenizers"]
+# pandas and python-dateutil at Colab's versions: unpinned, pip picks python-dateutil 4, which lm-eval's
+# pytablewriter (typepy: python-dateutil<3) rejects, and the install backtracks into building old pandas.
+_COMMON = ["numpy", "pandas==2.2.3", "python-dateutil==2.9.0.post0", "scipy", "scikit-learn", "matplotlib",
+           "ipywidgets==7.7.1", "ipykernel<7", "jupyter-client", "nbconvert", "nbformat", "tqdm", "requests", "httpx",
+           "gradio", "openai", "regex", "psutil", "jsonschema", "pydantic", "safetensors", "tokenizers"]
 STACKS = {
     # today's Colab as far as the course is concerned: at or above every floor in utils/colab.py
     "current": {"python": "3.13", "packages": ["torch==2.14.1", "transformers==5.24.0", "accelerate==1.15.0",

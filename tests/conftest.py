@@ -1,8 +1,8 @@
 """pytest setup shared by every test file.
 
 Tests that load the real models (SmolLM2, MiniLM), train for more than a few seconds or start processes are
-marked `@pytest.mark.slow`; `pytest -m "not slow" tests` runs the rest (the logic) in well under a minute.
-The README's test command runs everything, notebooks included.
+marked `@pytest.mark.slow`; `pytest -n 2 --dist loadfile -m "not slow" tests` (`make test-fast`) runs the rest
+(the logic) in about a minute on 2 cores. The README's test command runs everything, notebooks included.
 """
 
 import os

@@ -4,8 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from utils.env import (available_cpus, cgroup_cpu_limit, environment_report, num_threads, seed_everything,
-                       setup_notebook, where_am_i)
+from utils.env import (
+    available_cpus,
+    cgroup_cpu_limit,
+    environment_report,
+    num_threads,
+    seed_everything,
+    setup_notebook,
+    where_am_i,
+)
 
 
 def test_seed_everything_repeats_python_numpy_and_torch():

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nbformat
 import pytest
 
 from tests.lab_browser import CHROMIUM, browser_missing, notebook_from_cells, running_lab
@@ -73,11 +74,11 @@ handbook_kb = python_kb = EchoRetriever()
 }
 # lesson -> (notebook, marker of the function's cell or None, marker of the widget's cell)
 LESSONS = {
-    "01": ("01_tokenisation.ipynb", "TOKENIZERS = {", "widgets.interactive("),
-    "03": ("03_attention.ipynb", "def show_attention(", "widgets.interactive(show_attention"),
-    "06": ("06_sampling_and_decoding.ipynb", "def show_distribution(", "widgets.interactive("),
-    "07": ("07_prompt_engineering.ipynb", None, "widgets.interactive(show_prompt"),
-    "09": ("09_rag.ipynb", "def show_hits(", "widgets.interactive("),
+    "01": ("01_tokenisation.ipynb", "TOKENIZERS = {", "show_interactive("),
+    "03": ("03_attention.ipynb", "def show_attention(", "show_interactive(show_attention"),
+    "06": ("06_sampling_and_decoding.ipynb", "def show_distribution(", "show_interactive("),
+    "07": ("07_prompt_engineering.ipynb", None, "show_interactive(show_prompt"),
+    "09": ("09_rag.ipynb", "def show_hits(", "show_interactive("),
 }
 # lesson -> (kind of control to change, its label); a text box gets new text, a slider one key press
 CHANGE = {"01": ("text", "text"), "03": ("slider", "layer"), "06": ("slider", "temperature"),
@@ -105,8 +106,23 @@ def lab(tmp_path_factory):
             cells.append(lesson_cell(notebook, function_marker))
         cells.append(lesson_cell(notebook, widget_marker))
         notebook_from_cells(root / f"widget_{lesson}.ipynb", cells)
+    _saved_notebook(root / "saved.ipynb")
     with running_lab(root) as running:
         yield running
+
+
+def _saved_notebook(path: Path) -> None:
+    """Execute a notebook with a progress bar and interactive controls (as nbval and budget.py do), save it."""
+    from nbclient import NotebookClient
+
+    notebook_from_cells(path, [
+        PRELUDE + "import ipywidgets as widgets\nfrom utils.notebook_outputs import ProgressBar, show_interactive",
+        "for step in ProgressBar(range(30), desc='training'):\n    pass",
+        "show_interactive(lambda layer: print(layer), layer=widgets.IntSlider(16, min=0, max=29, description='layer'))",
+    ])
+    nb = nbformat.read(path, 4)
+    NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    nbformat.write(nb, path)
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +173,22 @@ def test_widget_renders_and_responds(lab, browser, lesson, tmp_path):
         assert after != before
         if kind == "text":
             assert "42" in output.inner_text() or lesson == "01"  # 01 shows tokens as coloured pieces
+    finally:
+        page.close()
+        lab.shutdown_kernels()
+
+
+def test_a_saved_notebook_reads_without_running_it(lab, browser):
+    """Opened as a learner first opens it (not run, untrusted): the bar and the controls read as words."""
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    try:
+        page.goto(lab.url("lab/tree/saved.ipynb"), timeout=60_000)
+        page.wait_for_function("() => document.querySelectorAll('.jp-Notebook .jp-OutputArea-output').length >= 2",
+                               timeout=60_000)
+        shown = page.locator(".jp-Notebook").first.inner_text()
+        assert "training: 30/30 in" in shown, shown
+        assert "Interactive controls (run the cell to use them): layer = 16 (slider 0 to 29)" in shown, shown
+        assert "0%" not in shown and "interactive(children" not in shown, shown  # not the bar's first frame
     finally:
         page.close()
         lab.shutdown_kernels()

@@ -144,14 +144,23 @@ def test_the_conversion_is_deterministic_and_writes_the_pinned_bytes(tmp_path):
     version = models.transformers_version()
     if version not in models.CHAT_CACHE_SHA256:
         pytest.skip(f"no pinned cache hashes for transformers {version}")
-    listings = []
-    for name, offline in (("a", {"HF_HUB_OFFLINE": "1"}), ("b", {})):
+    processes = []
+    for name, offline in (("a", {"HF_HUB_OFFLINE": "1"}), ("b", {})):  # both at once, into separate caches
         env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
         env.update(offline, LLM_COURSE_CACHE=str(tmp_path / name), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-        done = subprocess.run([sys.executable, "-c", _CONVERT_AND_HASH], env=env, cwd=REPO,
-                              capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-2000:]
-        listings.append(done.stdout.strip().splitlines()[-1])
+        processes.append(subprocess.Popen([sys.executable, "-c", _CONVERT_AND_HASH], env=env, cwd=REPO,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    listings = []
+    try:
+        for process in processes:
+            out, err = process.communicate(timeout=600)
+            assert process.returncode == 0, err[-2000:]
+            listings.append(out.strip().splitlines()[-1])
+    finally:
+        for process in processes:  # a failed or timed-out conversion leaves no process behind
+            if process.poll() is None:
+                process.kill()
+                process.wait()
     assert listings[0] == listings[1]
     assert listings[0] == str(sorted(models.CHAT_CACHE_SHA256[version].items()))
 

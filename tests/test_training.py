@@ -195,3 +195,16 @@ def test_resume_with_a_different_config_is_refused(data, tmp_path):
     with pytest.raises(ValueError, match="different config"):
         train(tiny_model(tok.vocab_size), train_ids, val_ids, small_config(max_steps=10, lr=1e-2),
               checkpoint_dir=tmp_path, resume=True, progress=False)
+
+
+def test_stop_after_is_the_start_of_the_full_run(data):
+    """stop_after=n: exactly n steps, the same as the first n of the full run (same schedule, same losses)."""
+    tok, train_ids, val_ids = data
+    cfg = small_config()
+    full = train(tiny_model(tok.vocab_size), train_ids, val_ids, cfg, progress=False)
+    part = train(tiny_model(tok.vocab_size), train_ids, val_ids, cfg, stop_after=12, progress=False)
+    assert part.step == list(range(1, 13))
+    assert part.loss == full.loss[:12] and part.lr == full.lr[:12]  # the learning rate of a max_steps run
+    assert part.eval_step == [s for s in full.eval_step if s <= 12]
+    with pytest.raises(ValueError):
+        train(tiny_model(tok.vocab_size), train_ids, val_ids, cfg, stop_after=0, progress=False)

@@ -7,6 +7,7 @@ One concept per module, each a one-sitting read (see README's lesson map):
     utils.colab            installs what Colab lacks (run by the notebooks' setup cell)         (lesson 00)
     utils.diagrams         the course's diagrams, drawn with matplotlib                       (lessons 04-17)
     utils.checks           small argument checks: TypeError / ValueError that say what is allowed
+    utils.notebook_outputs progress bars and widgets that stay readable in a saved notebook   (lessons 01-15)
     utils.tokenization     byte-level BPE from scratch: train, encode, decode, save/load        (lesson 01)
     utils.token_display    each token's bytes, readable and coloured                           (lesson 01)
     utils.costs            tokens -> context use and money; API vs self-hosting               (lessons 01, 11)

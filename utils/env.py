@@ -8,7 +8,7 @@ Every notebook calls `setup_notebook()` once. It
 * keeps the course offline by default (`HF_HUB_OFFLINE=1`) unless you opt in with
   `LLM_COURSE_ONLINE=1`;
 * quiets library progress bars and warnings that would otherwise clutter every stored output
-  (`quiet_libraries`). Progress bars of *your own* loops (tqdm) still show.
+  (`quiet_libraries`). Progress bars of *your own* loops still show (utils.notebook_outputs.ProgressBar).
 
 `environment_report()` is the readable check lesson 00 prints.
 """
@@ -115,9 +115,10 @@ def seed_everything(seed: int = 0, threads: int | None = None) -> None:
 
 
 def quiet_libraries() -> None:
-    """Silence hub/transformers progress bars and their chatty warnings (not tqdm in your own loops)."""
+    """Silence hub/transformers/datasets progress bars and their chatty warnings (not your own loops' bars)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # lm-eval's datasets (lesson 15)
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
         import transformers

@@ -29,7 +29,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from utils.alignment import completion_logprobs, grpo_advantages, grpo_loss, kl_k3
 from utils.checks import (
@@ -43,6 +42,7 @@ from utils.checks import (
 from utils.generation import encode_prompts, generate_batch, model_device, pad_token_id, render_prompts
 from utils.lora import LoRALinear, check_lora_args, lora_layers
 from utils.model_surgery import replace_linear
+from utils.notebook_outputs import ProgressBar
 from utils.sampling import check_sampling_args, sample_next_token
 
 # ----------------------------------------------------------------------------------------------
@@ -357,7 +357,7 @@ def train_grpo(model, tokenizer, optimizer, items: list[dict], reward_fn, steps:
     order = []
     history = []
     model.train()
-    for _ in tqdm(range(steps), desc="GRPO", disable=not progress):
+    for _ in (bar := ProgressBar(range(steps), desc="GRPO", disable=not progress)):
         while len(order) < prompts_per_step:          # a fresh shuffled pass when the list runs out
             order += order_rng.sample(range(len(items)), len(items))
         batch = [items[i] for i in order[:prompts_per_step]]
@@ -370,6 +370,7 @@ def train_grpo(model, tokenizer, optimizer, items: list[dict], reward_fn, steps:
                           temperature=temperature, updates=updates, skip_flat_groups=skip_flat_groups,
                           groups_per_pass=groups_per_pass)
         history.append(stats | {"example": rollout.texts[0]})   # one sampled reply, to read what is learnt
+        bar.set_postfix(reward=f"{stats['reward']:.2f}", refresh=False)
     model.eval()
     return history
 

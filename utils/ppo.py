@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from utils.alignment import gae_advantages, ppo_loss, ppo_token_rewards, value_loss
 from utils.checks import check_number, check_positive_int, check_text_list
 from utils.generation import pad_token_id
+from utils.notebook_outputs import ProgressBar
 from utils.reward_model import lora_disabled
 from utils.sampling import sample_next_token
 
@@ -227,7 +227,7 @@ def train_ppo(model, value_head: ValueHead, tokenizer, prompts: list[str], quest
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(prompts), generator=generator).tolist()
     history = []
-    for it in (bar := tqdm(range(iterations), desc=f"PPO (kl_coef {config.kl_coef:g})")):
+    for it in (bar := ProgressBar(range(iterations), desc=f"PPO (kl_coef {config.kl_coef:g})")):
         take = [order[(it * config.batch_size + k) % len(order)] for k in range(config.batch_size)]
         record = ppo_iteration(model, value_head, tokenizer, [prompts[i] for i in take],
                                [questions[i] for i in take], reward_fn, optimizer, config, generator)

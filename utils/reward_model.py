@@ -24,12 +24,12 @@ import random
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from utils.alignment import reward_model_loss
 from utils.checks import check_int, check_number, check_positive_int, check_text_list
 from utils.generation import pad_token_id
 from utils.lora import lora_layers
+from utils.notebook_outputs import ProgressBar
 
 # ----------------------------------------------------------------------------------------------
 # One base model, several adapters
@@ -188,7 +188,7 @@ def train_reward_model(rm: RewardModel, pairs: list[dict], epochs: int = 1, batc
     history = []
     rm.train()
     n_steps = epochs * ((len(pairs) + batch_size - 1) // batch_size)
-    with tqdm(total=n_steps, desc="reward model") as bar:
+    with ProgressBar(total=n_steps, desc="reward model") as bar:
         for epoch in range(epochs):
             random.Random(seed + epoch).shuffle(order)
             for start in range(0, len(order), batch_size):

@@ -12,7 +12,8 @@ The pieces, in the order a training run uses them:
   `perplexity_from_loss(loss) = exp(loss)`.
 * `lr_at(step, config)`: linear warm-up, then cosine decay to `min_lr`.
 * `train(model, train_data, val_data, config, ...)`: AdamW, gradient clipping, evaluation every
-  `eval_interval` steps, a tqdm progress bar, and a `History` of the losses to plot.
+  `eval_interval` steps, a progress bar (tqdm; a plain summary line once done), and a `History`
+  of the losses to plot.
 * `save_checkpoint` / `load_checkpoint` (from `utils.checkpoints`): model, optimizer, step, RNG
   states and history as safetensors + JSON (no pickle). Resuming from a checkpoint replays EXACTLY
   the loss curve of an uninterrupted run (tests/test_training.py checks it bit for bit).
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 
 from utils.checkpoints import complete_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
 from utils.checks import check_int, check_number, check_positive_int, check_text
+from utils.notebook_outputs import ProgressBar
 
 # --------------------------------------------------------------------------------------------
 # Data: split, tokenise, batch
@@ -341,8 +343,6 @@ def train(model, train_data: torch.Tensor, val_data: torch.Tensor, config: Train
     stop_after=n stops after step n as if the run were interrupted there (the learning-rate
     schedule still follows config.max_steps), e.g. to compare runs at equal steps.
     """
-    from tqdm.auto import tqdm
-
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     if checkpoint_interval is not None:
@@ -383,8 +383,9 @@ def train(model, train_data: torch.Tensor, val_data: torch.Tensor, config: Train
     model.train()
     if start == 0:
         evaluate(0)
-    bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps,
-               disable=not progress, desc="training", mininterval=1.0)
+    end = config.max_steps if stop_after is None else max(start, min(stop_after, config.max_steps))
+    bar = ProgressBar(range(start, end), initial=start, total=config.max_steps,  # "500/2000 ... stopped early"
+                      disable=not progress, desc="training", mininterval=1.0)
     for step in bar:
         tic = time.perf_counter()
         lr = lr_at(step, config)
@@ -413,8 +414,6 @@ def train(model, train_data: torch.Tensor, val_data: torch.Tensor, config: Train
                             history, config, data_generator)
             for old in complete_checkpoints(checkpoint_dir)[:-keep_checkpoints]:  # by step number
                 shutil.rmtree(old)
-        if stop_after is not None and done >= stop_after:
-            break
     bar.close()
     model.eval()
     return history
