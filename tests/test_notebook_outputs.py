@@ -92,3 +92,24 @@ def test_in_a_saved_notebook_the_bar_becomes_a_line_and_controls_read_as_words(t
     assert view["data"]["text/plain"] == ("Interactive controls (run the cell to use them): "
                                           "layer = 16 (slider 0 to 29); text = 'hi' (text box)")
     assert len(controls_cell.outputs) == 1  # shown once, not again as the cell's value
+
+
+def test_display_widget_passes_the_view_as_a_raw_bundle(monkeypatch):
+    """The view goes out as a mime bundle with the stand-in text and a display id, never through the widget's
+    own display hook (ipywidgets 7, Colab's, ignores display ids there: the bar could not be replaced)."""
+    widgets = pytest.importorskip("ipywidgets")
+    import IPython.display
+
+    calls = []
+    monkeypatch.setattr(IPython.display, "display", lambda *args, **kwargs: calls.append((args, kwargs)) or "handle")
+    from utils.notebook_outputs import display_widget
+
+    slider = widgets.IntSlider(3)
+    assert display_widget(slider, "a slider at 3", display_id=True) == "handle"
+    (bundle,), kwargs = calls[0]
+    assert bundle == {"application/vnd.jupyter.widget-view+json":
+                      {"version_major": 2, "version_minor": 0, "model_id": slider.model_id},
+                      "text/plain": "a slider at 3"}
+    assert kwargs == {"raw": True, "display_id": True}
+    display_widget(slider, "again")
+    assert calls[1][1] == {"raw": True, "display_id": None}

@@ -17,7 +17,7 @@ import time
 
 from tqdm.auto import tqdm
 
-__all__ = ["ProgressBar", "show_interactive", "describe_control"]
+__all__ = ["ProgressBar", "show_interactive", "display_widget", "describe_control"]
 
 _notebook_module = sys.modules.get("tqdm.notebook")  # imported by tqdm.auto only inside a notebook kernel
 IN_NOTEBOOK = _notebook_module is not None and issubclass(tqdm, _notebook_module.tqdm)
@@ -40,9 +40,9 @@ class ProgressBar(tqdm):
             kwargs["display"] = False  # we display it ourselves, with an id to replace it by later
         super().__init__(*args, **kwargs)
         if IN_NOTEBOOK and not self.disable:
-            from IPython.display import display
-
-            self._display_handle = display(self.container, display_id=True)
+            total = f"/{self.total}" if self.total else ""
+            self._display_handle = display_widget(self.container, f"{self.desc or 'progress'}: running, "
+                                                  f"{self.n}{total}", display_id=True)
 
     def summary(self) -> str:
         """One line: "desc: n/total in mm:ss (rate/s), postfix", and "stopped early" if it did."""
@@ -62,6 +62,22 @@ class ProgressBar(tqdm):
         super().close()
         if handle is not None:
             handle.update({"text/plain": line}, raw=True)
+
+
+def display_widget(widget, text: str, display_id: bool = False):
+    """Display a widget with `text` as its plain-text stand-in; with display_id=True, return the handle.
+
+    display_widget(widgets.IntSlider(3), "a slider at 3")   # live: the slider; saved: "a slider at 3"
+
+    The widget's view is passed as a raw mime bundle (what a widget displays itself as), so the same
+    code works with ipywidgets 8 and 7 (Colab): ipywidgets 7 widgets display through a hook that
+    ignores a display id, and a bar shown that way could not be replaced when its loop ends.
+    """
+    from IPython.display import display
+
+    view = {"version_major": 2, "version_minor": 0, "model_id": widget.model_id}
+    return display({"application/vnd.jupyter.widget-view+json": view, "text/plain": text}, raw=True,
+                   display_id=display_id or None)
 
 
 def describe_control(name: str, control) -> str:
@@ -94,7 +110,6 @@ def show_interactive(function, **controls) -> None:
     repr. Returns None, so that the widget is not displayed twice as the cell's value.
     """
     import ipywidgets as widgets
-    from IPython.display import display
 
     if not callable(function):
         raise TypeError(f"function must be callable, got {type(function).__name__}")
@@ -102,6 +117,4 @@ def show_interactive(function, **controls) -> None:
     # the controls interactive made or took (widgets.fixed values are not controls); _kwarg is the argument name
     described = "; ".join(describe_control(getattr(control, "_kwarg", ""), control)
                           for control in widget.kwargs_widgets if not isinstance(control, widgets.fixed))
-    stand_in = f"Interactive controls (run the cell to use them): {described}"
-    view = {"version_major": 2, "version_minor": 0, "model_id": widget.model_id}  # what the widget displays itself as
-    display({"application/vnd.jupyter.widget-view+json": view, "text/plain": stand_in}, raw=True)
+    display_widget(widget, f"Interactive controls (run the cell to use them): {described}")
