@@ -16,6 +16,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from tests.lab_browser import notebook_from_cells
 from utils.notebook_outputs import IN_NOTEBOOK, ProgressBar, describe_control
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,10 +50,8 @@ def test_describe_control_names_value_and_kind():
 
 
 def _run(cells: list[str], tmp_path: Path):
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.cells = [nbformat.v4.new_code_cell(f"import sys; sys.path.insert(0, {str(REPO)!r})")]
-    nb.cells += [nbformat.v4.new_code_cell(source) for source in cells]
+    path = notebook_from_cells(tmp_path / "run.ipynb", [f"import sys; sys.path.insert(0, {str(REPO)!r})", *cells])
+    nb = nbformat.read(path, 4)
     NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}},
                    ).execute(env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"})
     return nb.cells[1:]
