@@ -1,6 +1,6 @@
 """utils/colab.py decides what a Colab runtime must install (the decision is tested; pip is not run)."""
 
-from utils.colab import FLOORS, below_floor, version_tuple
+from utils.colab import FLOORS, below_floor, keep_bounds, version_tuple
 
 
 def test_version_tuple_reads_release_numbers():
@@ -23,6 +23,14 @@ def test_an_older_stack_is_upgraded_to_the_pins_and_a_newer_one_kept():
 def test_missing_packages_are_left_to_the_missing_list_and_torch_is_never_pinned():
     assert below_floor({name: None for name in FLOORS}) == []
     assert "torch" not in FLOORS
+
+
+def test_a_preinstalled_dateutil_2_is_kept_below_3_and_a_newer_one_is_not_touched():
+    # pip would otherwise trade Colab's python-dateutil 2.9 for 4.x (kubernetes) against typepy's < 3 and
+    # backtrack into compiling pandas; a runtime that already has 3 or later gets no bound (nothing downgraded)
+    assert keep_bounds({"python-dateutil": "2.9.0.post0"}) == ["python-dateutil<3"]
+    assert keep_bounds({"python-dateutil": "4.0.0"}) == []
+    assert keep_bounds({"python-dateutil": None}) == []
 
 
 def test_floors_are_the_course_pins():

@@ -62,6 +62,14 @@ FLOORS = {
 }
 
 
+# distribution name -> a version bound added to the install while the installed version is below it, so
+# that pip keeps what the runtime has: lm-eval's pytablewriter needs typepy[datetime], i.e. python-dateutil
+# below 3, while the newest kubernetes (chromadb's) wants 3 or later. Unbounded, pip on a Colab-like stack
+# (dateutil 2.9) backtracked through pandas and compiled pandas 2.2.2 from source for minutes; bounded, it
+# picks a kubernetes that accepts dateutil 2.9 and resolves in ~25 s.
+KEEP_BELOW = {"python-dateutil": "3"}
+
+
 def version_tuple(version: str) -> tuple[int, ...]:
     """The numeric release part of a version string. Example: "4.57.1" -> (4, 57, 1); "5.0.0rc1" -> (5, 0, 0)"""
     numbers = []
@@ -84,11 +92,20 @@ def below_floor(installed: dict[str, str | None]) -> list[str]:
             if installed.get(name) is not None and version_tuple(installed[name]) < version_tuple(floor)]
 
 
+def keep_bounds(installed: dict[str, str | None]) -> list[str]:
+    """Bounds that keep an installed package below the version that would make pip churn (see KEEP_BELOW).
+
+    Example: {"python-dateutil": "2.9.0.post0"} -> ["python-dateutil<3"]; {"python-dateutil": "4.0.0"} -> []
+    """
+    return [f"{name}<{bound}" for name, bound in KEEP_BELOW.items()
+            if installed.get(name) is not None and version_tuple(installed[name]) < version_tuple(bound)]
+
+
 def installed_versions() -> dict[str, str | None]:
     from importlib import metadata
 
     versions = {}
-    for name in FLOORS:
+    for name in [*FLOORS, *KEEP_BELOW]:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -107,7 +124,8 @@ def main() -> None:
     todo = list(dict.fromkeys(todo))  # a package both missing and pinned is installed once
     if todo:
         print("installing:", " ".join(todo))
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", *todo], check=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", *todo, *keep_bounds(installed_versions())],
+                       check=True)
     todo_no_deps = missing(NEEDED_NO_DEPS)
     if todo_no_deps:
         print("installing (no deps):", " ".join(todo_no_deps))
