@@ -118,14 +118,14 @@ def missing(packages: dict[str, str]) -> list[str]:
 
 
 def main() -> None:
-    todo = missing(NEEDED) + below_floor(installed_versions())
+    installed = installed_versions()  # read once, before pip changes anything
+    todo = missing(NEEDED) + below_floor(installed)
     if importlib.util.find_spec("transformers") is None:
         todo.append(f"transformers=={FLOORS['transformers']}")
     todo = list(dict.fromkeys(todo))  # a package both missing and pinned is installed once
     if todo:
         print("installing:", " ".join(todo))
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", *todo, *keep_bounds(installed_versions())],
-                       check=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", *todo, *keep_bounds(installed)], check=True)
     todo_no_deps = missing(NEEDED_NO_DEPS)
     if todo_no_deps:
         print("installing (no deps):", " ".join(todo_no_deps))
