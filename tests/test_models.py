@@ -291,3 +291,78 @@ def test_a_conversion_that_does_not_write_the_pinned_bytes_is_not_cached(tiny_ca
     assert model is not None and tokenizer.chat_template
     assert "Not caching" in capsys.readouterr().out
     assert list(models.cache_dir().iterdir()) == []  # neither a cache nor a staging folder
+
+
+def resident_fraction(path: Path) -> float:
+    """Share of a file's pages now in the OS page cache (Linux mincore on a private mapping)."""
+    import ctypes
+    import mmap
+    size = path.stat().st_size
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+    with open(path, "rb") as f:
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # writable view, so ctypes can take its address
+    window = ctypes.c_char.from_buffer(mapping)
+    vector = (ctypes.c_ubyte * pages)()
+    try:
+        assert libc.mincore(ctypes.addressof(window), size, vector) == 0, os.strerror(ctypes.get_errno())
+        return sum(v & 1 for v in vector) / pages
+    finally:
+        del window
+        mapping.close()
+
+
+def file_system_type(path: Path) -> str:
+    mounts = [line.split()[1:3] for line in Path("/proc/self/mounts").read_text().splitlines()]
+    return max((m for m in mounts if str(path).startswith(m[0])), key=lambda m: len(m[0]))[1]
+
+
+@pytest.mark.skipif(not (hasattr(os, "posix_fadvise") and sys.platform.startswith("linux")), reason="Linux only")
+def test_drop_from_page_cache_empties_the_files_cached_pages(tmp_path):
+    if file_system_type(tmp_path) in ("tmpfs", "ramfs"):
+        pytest.skip(f"{tmp_path} is in memory ({file_system_type(tmp_path)}): its pages cannot be dropped")
+    path = tmp_path / "weights.bin"
+    data = os.urandom(4 << 20)
+    path.write_bytes(data)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())  # only clean pages can be dropped
+        f.read()
+    assert resident_fraction(path) > 0.9  # just read: in the page cache
+    models.drop_from_page_cache(path)
+    assert resident_fraction(path) < 0.1
+    assert path.read_bytes() == data  # only the cached copy went: the file reads back the same
+
+
+def test_load_drops_the_hashed_gguf_from_the_page_cache_but_not_the_mapped_weights(tiny_cache, monkeypatch):
+    dropped = []
+    monkeypatch.setattr(models, "drop_from_page_cache", lambda path: dropped.append(Path(path).name))
+    load_chat_model()  # converts and caches
+    load_chat_model()  # reads the cache
+    assert dropped == [models.CHAT_GGUF_FILE, models.CHAT_GGUF_FILE]  # never model.safetensors: it is mapped
+
+
+@pytest.mark.skipif(not (hasattr(os, "posix_fadvise") and sys.platform.startswith("linux")), reason="Linux only")
+def test_after_an_in_place_change_the_model_files_pages_can_go(tiny_cache, tmp_path):
+    if file_system_type(tmp_path) in ("tmpfs", "ramfs"):
+        pytest.skip(f"{tmp_path} is in memory: its pages cannot be dropped")
+    load_chat_model()  # converts and caches
+    model, _ = load_chat_model()  # mapped from the cache's model.safetensors
+    weights = Path(model.name_or_path) / "model.safetensors"
+    with open(weights, "rb") as f:
+        os.fsync(f.fileno())
+        f.read()
+    expected = [p.detach() + 1.0 for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # written in place: every page becomes the process's own copy
+    assert resident_fraction(weights) > 0.9
+    models.release_model_file_pages(model)
+    assert resident_fraction(weights) < 0.5
+    assert all(torch.equal(p, e) for p, e in zip(model.parameters(), expected))  # the model's copies stay
+
+
+def test_release_model_file_pages_leaves_a_model_without_a_local_file_alone(tiny_cache):
+    model, _ = load_chat_model()
+    model.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"  # as loaded from the Hub
+    models.release_model_file_pages(model)  # no such folder here: nothing to do, no error

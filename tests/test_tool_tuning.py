@@ -93,10 +93,12 @@ def test_training_teaches_the_tool_and_changes_only_the_adapters():
         train_tool_calls(model, tokenizer, TRACES, TOOLS, SYSTEM)
     torch.manual_seed(0)  # the adapters' A matrices
     add_lora(model, ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"], r=8, alpha=16)
-    # teach only the name (the grammar writes the rest); before training it picks 1 of 4 right
-    losses = train_tool_calls(model, tokenizer, TRACES, TOOLS, SYSTEM, epochs=80, batch_size=4, lr=3e-2,
+    # teach only the name (the grammar writes the rest); before training it picks 1 of 4 right. One trace
+    # a step at a moderate rate: with 4 a step at lr 3e-2 the loss of this large-weight model oscillated
+    # (down to 0.13, back up to 1.7 at the end) and the last step's choices depended on the CPU's rounding.
+    losses = train_tool_calls(model, tokenizer, TRACES, TOOLS, SYSTEM, epochs=40, batch_size=1, lr=1e-2,
                               name_only=True)
-    assert len(losses) == 80 and losses[-1] < losses[0] / 10
+    assert len(losses) == 160 and max(losses[-4:]) < losses[0] / 100
     grammar = tool_call_grammar(tokenizer, TOOLS, "required")
     for t in TRACES:  # the random model now calls the tool each request was taught with
         ids = torch.tensor([full_prompt(tokenizer, t["request"])])

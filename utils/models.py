@@ -91,6 +91,42 @@ def verify_sha256(path: str | os.PathLike, expected: str) -> None:
             "--force-reinstall --no-deps ...) or delete the cached copy.")
 
 
+def drop_from_page_cache(path: str | os.PathLike) -> None:
+    """Let the OS forget the copy of a file it keeps in memory (Linux; elsewhere this does nothing).
+
+    Reading a file leaves its pages in the OS's page cache, and a container counts them against its
+    memory limit (Binder's 2 GB holds everything, page cache included) until the kernel needs the room.
+    Worth it only for a file read once and not used again, such as the GGUF that load_chat_model hashes
+    but then does not read: a model's safetensors file must stay, because transformers maps it into
+    memory and its cached pages *are* the model's weights.
+
+        drop_from_page_cache(package_folder(CHAT_PACKAGE, CHAT_PACKAGE_PIP) / CHAT_GGUF_FILE)
+    """
+    if not hasattr(os, "posix_fadvise"):  # macOS, Windows: no such call; nothing to do
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages go now; it changes no data
+    finally:
+        os.close(fd)
+
+
+def release_model_file_pages(model) -> None:
+    """After a model's weights were changed in place, let the OS forget the file they were loaded from.
+
+    transformers maps a safetensors file into memory copy-on-write: the weights *are* the file's pages
+    in the page cache until one is written (merge_lora, full fine-tuning); then the kernel gives the
+    process its own copy of that page, and the file's page, no longer used, stays cached until the OS
+    needs the room (on Binder it counts against the 2 GB meanwhile: ~0.3 GB after merging lesson 16's
+    adapters). Pages still mapped are kept. Does nothing for a model not loaded from a local folder.
+
+        merge_lora(model); release_model_file_pages(model)
+    """
+    weights = Path(model.name_or_path) / "model.safetensors"
+    if weights.is_file():
+        drop_from_page_cache(weights)
+
+
 def package_folder(package: str, pip_spec: str) -> Path:
     """The installed folder of a data-only package, found without importing it."""
     spec = importlib.util.find_spec(package)
@@ -292,8 +328,10 @@ def load_chat_model(dtype=torch.float32, hub_id: str | None = None):
             model, tokenizer = convert_gguf(gguf_folder)
             source = save_chat_cache(model, tokenizer, pinned) if pinned is not None else None
             if source is None:  # not cacheable: use the converted model as it is
+                drop_from_page_cache(gguf_folder / CHAT_GGUF_FILE)
                 return model.to(dtype).eval(), tokenizer
             del model, tokenizer  # load the cached copy, exactly as every later load will
+        drop_from_page_cache(gguf_folder / CHAT_GGUF_FILE)  # hashed, not read again: ~94 MB of page cache
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=hub_id is None)
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=hub_id is None)
     model.eval()
