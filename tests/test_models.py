@@ -318,10 +318,15 @@ def file_system_type(path: Path) -> str:
     return max((m for m in mounts if str(path).startswith(m[0])), key=lambda m: len(m[0]))[1]
 
 
-@pytest.mark.skipif(not (hasattr(os, "posix_fadvise") and sys.platform.startswith("linux")), reason="Linux only")
+def skip_unless_pages_can_be_dropped(folder: Path) -> None:
+    if not (hasattr(os, "posix_fadvise") and sys.platform.startswith("linux")):
+        pytest.skip("page-cache residency is measured with Linux's mincore")
+    if file_system_type(folder) in ("tmpfs", "ramfs"):
+        pytest.skip(f"{folder} is in memory ({file_system_type(folder)}): its pages cannot be dropped")
+
+
 def test_drop_from_page_cache_empties_the_files_cached_pages(tmp_path):
-    if file_system_type(tmp_path) in ("tmpfs", "ramfs"):
-        pytest.skip(f"{tmp_path} is in memory ({file_system_type(tmp_path)}): its pages cannot be dropped")
+    skip_unless_pages_can_be_dropped(tmp_path)
     path = tmp_path / "weights.bin"
     data = os.urandom(4 << 20)
     path.write_bytes(data)
@@ -342,10 +347,8 @@ def test_load_drops_the_hashed_gguf_from_the_page_cache_but_not_the_mapped_weigh
     assert dropped == [models.CHAT_GGUF_FILE, models.CHAT_GGUF_FILE]  # never model.safetensors: it is mapped
 
 
-@pytest.mark.skipif(not (hasattr(os, "posix_fadvise") and sys.platform.startswith("linux")), reason="Linux only")
 def test_after_an_in_place_change_the_model_files_pages_can_go(tiny_cache, tmp_path):
-    if file_system_type(tmp_path) in ("tmpfs", "ramfs"):
-        pytest.skip(f"{tmp_path} is in memory: its pages cannot be dropped")
+    skip_unless_pages_can_be_dropped(tmp_path)
     load_chat_model()  # converts and caches
     model, _ = load_chat_model()  # mapped from the cache's model.safetensors
     weights = Path(model.name_or_path) / "model.safetensors"

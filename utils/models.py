@@ -122,8 +122,7 @@ def release_model_file_pages(model) -> None:
 
         merge_lora(model); release_model_file_pages(model)
     """
-    weights = Path(model.name_or_path) / "model.safetensors"
-    if weights.is_file():
+    for weights in Path(model.name_or_path).glob("*.safetensors"):  # none for a Hub id or a converted model
         drop_from_page_cache(weights)
 
 
