@@ -26,6 +26,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 BUDGET_SECONDS = 5 * 60
 BUDGET_BYTES = 2 * 2**30
 
@@ -61,12 +63,21 @@ def _child_memory(child) -> int:
 
 
 def _children_rss(pid: int) -> int:
+    """Memory of every live descendant of `pid`; one that exits while being measured counts 0 (it must
+    not zero the others)."""
     try:
         import psutil
 
-        return sum(_child_memory(c) for c in psutil.Process(pid).children(recursive=True))
+        children = psutil.Process(pid).children(recursive=True)
     except Exception:
         return 0
+    total = 0
+    for child in children:
+        try:
+            total += _child_memory(child)
+        except Exception:  # it exited between the listing and the reading
+            pass
+    return total
 
 
 def _rss(pid: int) -> int:
@@ -124,6 +135,68 @@ def pytest_runtest_makereport(item, call):
         record["together"] = max(record["together"], _rss(pid) + children)
 
 
+def stored_run_seconds(notebook: str | os.PathLike) -> float:
+    """Seconds the notebook's stored run took: the sum of the per-cell times nbconvert records in each
+    code cell's metadata (0.0 when it has none). Used to start the longest notebooks first.
+
+    >>> stored_run_seconds("notebooks/05_pretraining.ipynb") > 60
+    True
+    """
+    import json
+    from datetime import datetime
+
+    try:
+        cells = json.loads(Path(notebook).read_text(encoding="utf-8")).get("cells", [])
+    except (OSError, ValueError):
+        return 0.0
+    total = 0.0
+    for cell in cells:
+        times = cell.get("metadata", {}).get("execution", {}) if isinstance(cell, dict) else {}
+        try:
+            start = datetime.fromisoformat(times["iopub.execute_input"].replace("Z", "+00:00"))
+            end = datetime.fromisoformat(times["shell.execute_reply"].replace("Z", "+00:00"))
+        except (KeyError, TypeError, AttributeError, ValueError):
+            continue
+        total += max(0.0, (end - start).total_seconds())
+    return total
+
+
+def _in_xdist_worker(config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Under pytest-xdist (`make test` runs the tests and the notebooks two at a time, whole files per
+    worker), start with the notebooks, longest first as timed in their stored run, then the unit-test
+    files: a long notebook started last would leave one worker running it alone at the end.
+    Serial runs keep pytest's order. Every worker sorts the same way, as xdist requires."""
+    if not _in_xdist_worker(config):
+        return
+    seconds: dict[str, float] = {}
+
+    def key(item):
+        path = str(item.path)
+        if not path.endswith(".ipynb"):
+            return (1, 0.0)
+        if path not in seconds:
+            seconds[path] = stored_run_seconds(path)
+        return (0, -seconds[path])
+
+    items.sort(key=key)  # stable: cells keep their order within a notebook
+
+
+def pytest_sessionfinish(session):
+    """An xdist worker sends its notebooks' records to the controller, which prints the table."""
+    if _in_xdist_worker(session.config) and _records:
+        session.config.workeroutput["budget_records"] = {
+            name: {**r, "start": 0.0, "end": (r["end"] or r["start"]) - r["start"]} for name, r in _records.items()}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    _records.update(getattr(node, "workeroutput", {}).get("budget_records", {}))
+
+
 def format_table(records: dict[str, dict]) -> str:
     lines = ["| notebook | wall time | peak RAM (kernel) | peak RAM (kernel + children, together) "
              "| within 5 min / 2 GiB |",
@@ -138,10 +211,18 @@ def format_table(records: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def pytest_terminal_summary(terminalreporter):
+def pytest_terminal_summary(terminalreporter, config):
     if not _records:
         return
     terminalreporter.section("notebook budget (2 cores: 5 min, 2 GiB each)")
+    workers = getattr(config.option, "numprocesses", None)
+    if workers:
+        from utils.env import num_threads
+
+        terminalreporter.write_line(
+            f"(measured while {workers} test processes ran at once, {num_threads()} PyTorch thread(s) per kernel: "
+            "each notebook's kernel peak is its own, the wall times include the sharing. "
+            "`make budget` runs them one at a time with 2 threads, as a learner does.)")
     terminalreporter.write_line(format_table(_records))
     out = os.environ.get("LLM_COURSE_BUDGET_OUT")
     if out:
