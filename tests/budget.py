@@ -94,8 +94,10 @@ def _sample_together(interval: float = 0.2) -> None:
     while True:
         name, pid = _running["name"], _running["pid"]
         record = _records.get(name) if name else None
-        if record is not None and pid:
-            record["together"] = max(record["together"], _rss(pid) + _children_rss(pid))
+        if record is not None and pid:  # children that live within one cell are seen only here
+            children = _children_rss(pid)
+            record["child_peak"] = max(record["child_peak"], children)
+            record["together"] = max(record["together"], _rss(pid) + children)
         time.sleep(interval)
 
 
