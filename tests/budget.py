@@ -89,15 +89,22 @@ def _rss(pid: int) -> int:
         return 0
 
 
+def _measure(record: dict, pid: int) -> None:
+    """Raise the record's peaks to what the kernel `pid` and its children use now (the kernel's peak is
+    its VmHWM, so a peak between two readings still counts; the children's only when seen)."""
+    children = _children_rss(pid)
+    record["peak"] = max(record["peak"], peak_rss_bytes(pid))
+    record["child_peak"] = max(record["child_peak"], children)
+    record["together"] = max(record["together"], _rss(pid) + children)
+
+
 def _sample_together(interval: float = 0.2) -> None:
     """Background thread: the largest kernel + children memory seen at the same moment."""
     while True:
         name, pid = _running["name"], _running["pid"]
         record = _records.get(name) if name else None
         if record is not None and pid:  # children that live within one cell are seen only here
-            children = _children_rss(pid)
-            record["child_peak"] = max(record["child_peak"], children)
-            record["together"] = max(record["together"], _rss(pid) + children)
+            _measure(record, pid)
         time.sleep(interval)
 
 
@@ -131,10 +138,7 @@ def pytest_runtest_makereport(item, call):
     pid = _kernel_pid(item)
     if pid:
         _running.update(name=item.parent.name, pid=pid)
-        children = _children_rss(pid)
-        record["peak"] = max(record["peak"], peak_rss_bytes(pid))
-        record["child_peak"] = max(record["child_peak"], children)
-        record["together"] = max(record["together"], _rss(pid) + children)
+        _measure(record, pid)
 
 
 def stored_run_seconds(notebook: str | os.PathLike) -> float:
@@ -256,10 +260,7 @@ def store_outputs(notebooks: list[str]) -> dict[str, dict]:
         while process.poll() is None:
             kernel = _kernel_of(process.pid)
             if kernel is not None:
-                children = _children_rss(kernel.pid)
-                record["peak"] = max(record["peak"], peak_rss_bytes(kernel.pid))
-                record["child_peak"] = max(record["child_peak"], children)
-                record["together"] = max(record["together"], _rss(kernel.pid) + children)
+                _measure(record, kernel.pid)
             time.sleep(0.2)
         record["end"] = time.perf_counter()
         record["failed"] = process.returncode != 0
